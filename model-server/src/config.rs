@@ -1,0 +1,73 @@
+//! Command-line and environment configuration of the model server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Serves image classifiers from a model repository over the Open Inference
+/// Protocol (KServe v2 / Triton gRPC).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "model-server", version, about)]
+pub struct Config {
+    /// Directory holding `<model>/<version>/` folders (create the default one
+    /// with scripts/setup-model-repository.sh).
+    #[arg(long, env = "MODEL_REPOSITORY", default_value = "model-repository")]
+    pub model_repository: PathBuf,
+
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:8001")]
+    pub grpc_addr: SocketAddr,
+
+    /// Inference threads; 0 means one per available CPU core.
+    #[arg(long, env = "INFERENCE_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
+    /// Most images in one request and in one model execution.
+    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 8)]
+    pub max_batch_size: usize,
+
+    /// Requests that may wait per model version; beyond this new requests
+    /// are refused at once with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MAX_QUEUE_SIZE", default_value_t = 64)]
+    pub max_queue_size: usize,
+
+    /// Largest gRPC message received or sent, in bytes (tonic's default is
+    /// 4 MiB, less than a batch of 8 FP32 images).
+    #[arg(long, env = "MAX_MESSAGE_SIZE", default_value_t = 64 * 1024 * 1024)]
+    pub max_message_size: usize,
+
+    /// Write logs as JSON lines instead of human-readable text.
+    #[arg(long, env = "JSON_LOGS")]
+    pub json_logs: bool,
+}
+
+/// A configuration value that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Checks rules that span fields or that clap cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_batch_size == 0 {
+            return Err(ConfigError("--max-batch-size must be at least 1".into()));
+        }
+        if self.max_queue_size == 0 {
+            return Err(ConfigError("--max-queue-size must be at least 1".into()));
+        }
+        if self.max_message_size < 1024 * 1024 {
+            return Err(ConfigError("--max-message-size must be at least 1 MiB (1048576)".into()));
+        }
+        Ok(())
+    }
+
+    /// The number of inference threads to start.
+    pub fn inference_threads(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}

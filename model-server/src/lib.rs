@@ -1,0 +1,113 @@
+//! A gRPC model server for image classifiers: a candle backend behind the
+//! Open Inference Protocol (KServe v2 / Triton `inference.GRPCInferenceService`).
+
+pub mod backend;
+pub mod batcher;
+pub mod codec;
+pub mod config;
+pub mod efficientnet;
+pub mod error;
+pub mod pth;
+pub mod registry;
+pub mod repository;
+pub mod repository_setup;
+pub mod service;
+pub mod stats;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use candle_core::Device;
+use oip_proto::GrpcInferenceServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+pub use config::Config;
+
+use registry::{LoadOptions, Registry};
+use service::InferenceService;
+
+/// Serves on `listener` until `shutdown` completes. Health reports
+/// NOT_SERVING until every model has loaded and answered a warm-up request.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let entries = repository::scan(&config.model_repository)?;
+    let threads = config.inference_threads();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("inference-{i}"))
+        .build()
+        .context("starting the inference thread pool")?;
+    let registry = Arc::new(Registry::new(entries));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    const SERVICE: &str = "inference.GRPCInferenceService";
+    for name in ["", SERVICE] {
+        health.set_service_status(name, ServingStatus::NotServing).await;
+    }
+    let opts = LoadOptions {
+        pool: Arc::new(pool),
+        device: Device::Cpu,
+        max_batch_size: config.max_batch_size,
+        queue_size: config.max_queue_size,
+    };
+    let loader = {
+        let (registry, health) = (registry.clone(), health.clone());
+        async move {
+            registry.load_all(&opts).await;
+            if registry.all_ready() {
+                for name in ["", SERVICE] {
+                    health.set_service_status(name, ServingStatus::Serving).await;
+                }
+                tracing::info!("all models ready; serving");
+            } else {
+                tracing::error!("some models failed to load; health stays NOT_SERVING");
+            }
+        }
+    };
+    tokio::spawn(loader);
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(oip_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(registry, config.max_batch_size))
+        .max_decoding_message_size(config.max_message_size)
+        .max_encoding_message_size(config.max_message_size);
+
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, threads, repository = %config.model_repository.display(), "gRPC server listening");
+    let shutdown = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            // Readiness goes first so balancers stop sending before we stop.
+            for name in ["", SERVICE] {
+                health.set_service_status(name, ServingStatus::NotServing).await;
+            }
+            tracing::info!("shutting down");
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(inference)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("gRPC server failed")
+}
+
+/// Binds `config.grpc_addr` and serves until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("binding {}", config.grpc_addr))?;
+    serve(config, listener, shutdown).await
+}
