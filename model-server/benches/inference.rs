@@ -31,14 +31,19 @@ fn main() -> anyhow::Result<()> {
     let threads = arg("--threads", 2);
     let runs = arg("--runs", 20);
     let trials = arg("--trials", 3);
-    let repo = std::env::var_os("MODEL_REPOSITORY").map_or_else(|| PathBuf::from("model-repository"), PathBuf::from);
+    let repo = std::env::var_os("MODEL_REPOSITORY")
+        .map_or_else(|| PathBuf::from("model-repository"), PathBuf::from);
     let repo = if repo.is_relative() && !repo.exists() {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(repo)
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(repo)
     } else {
         repo
     };
     let weights = repo.join("efficientnet-lite0/1/model.safetensors");
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
     let model = pool.install(|| EfficientNetLite0::load(&weights, &Device::Cpu))?;
     println!("EfficientNet-Lite0, candle CPU, {threads} threads, {trials} trials x {runs} runs");
     for batch in [1usize, 8] {

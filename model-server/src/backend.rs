@@ -27,13 +27,20 @@ pub trait Classifier: Send + Sync {
 
 impl Classifier for EfficientNetLite0 {
     fn logits(&self, x: &Tensor) -> Result<Tensor, BackendError> {
-        let x = x.to_device(self.device()).map_err(|e| BackendError::Inference(e.to_string()))?;
-        self.forward(&x).map_err(|e| BackendError::Inference(e.to_string()))
+        let x = x
+            .to_device(self.device())
+            .map_err(|e| BackendError::Inference(e.to_string()))?;
+        self.forward(&x)
+            .map_err(|e| BackendError::Inference(e.to_string()))
     }
 }
 
 /// Builds the classifier named by a version's `architecture`.
-pub fn load(architecture: &str, weights: &Path, device: &Device) -> Result<Box<dyn Classifier>, BackendError> {
+pub fn load(
+    architecture: &str,
+    weights: &Path,
+    device: &Device,
+) -> Result<Box<dyn Classifier>, BackendError> {
     match architecture {
         "efficientnet-lite0" => EfficientNetLite0::load(weights, device)
             .map(|m| Box::new(m) as Box<dyn Classifier>)

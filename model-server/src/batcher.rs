@@ -75,7 +75,12 @@ impl Batcher {
     ) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(queue_size);
         let name: Arc<str> = Arc::from(spec.name.as_str());
-        let worker = Worker { spec, classifier, pool, stats: stats.clone() };
+        let worker = Worker {
+            spec,
+            classifier,
+            pool,
+            stats: stats.clone(),
+        };
         std::thread::Builder::new()
             .name(format!("batcher-{name}"))
             .spawn(move || worker.run(rx))?;
@@ -86,13 +91,20 @@ impl Batcher {
     /// once rather than letting latency grow without bound.
     pub async fn infer(&self, request: Request) -> Result<Response, InferError> {
         let (reply, rx) = oneshot::channel();
-        let job = Job { request, reply, enqueued: Instant::now(), span: tracing::Span::current() };
+        let job = Job {
+            request,
+            reply,
+            enqueued: Instant::now(),
+            span: tracing::Span::current(),
+        };
         match self.tx.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(InferError::QueueFull(self.name.to_string())),
             Err(TrySendError::Disconnected(_)) => return Err(InferError::ShuttingDown),
         }
-        rx.instrument(tracing::debug_span!("queued")).await.map_err(|_| InferError::ShuttingDown)?
+        rx.instrument(tracing::debug_span!("queued"))
+            .await
+            .map_err(|_| InferError::ShuttingDown)?
     }
 
     /// Statistics of this model version.
@@ -160,7 +172,8 @@ impl Worker {
             Ok((outputs, times)) => {
                 self.stats.record_batch(images, times);
                 for (job, out) in jobs.into_iter().zip(outputs) {
-                    self.stats.record_success(started - job.enqueued, done - job.enqueued, times);
+                    self.stats
+                        .record_success(started - job.enqueued, done - job.enqueued, times);
                     let _ = job.reply.send(Ok(out));
                 }
             }
@@ -177,15 +190,24 @@ impl Worker {
     fn compute(&self, jobs: &[Job]) -> Result<(Vec<Response>, BatchTimes), BackendError> {
         let err = |e: candle_core::Error| BackendError::Inference(e.to_string());
         let t0 = Instant::now();
-        let inputs = jobs.iter().map(|j| self.to_tensor(&j.request)).collect::<Result<Vec<_>, _>>().map_err(err)?;
+        let inputs = jobs
+            .iter()
+            .map(|j| self.to_tensor(&j.request))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
         let x = Tensor::cat(&inputs, 0).map_err(err)?;
         let t1 = Instant::now();
         let logits = self.classifier.logits(&x)?;
         let t2 = Instant::now();
         let probabilities = candle_nn::ops::softmax_last_dim(&logits).map_err(err)?;
-        let logits = logits.to_dtype(DType::F32).and_then(|t| t.flatten_all()?.to_vec1::<f32>()).map_err(err)?;
-        let probabilities =
-            probabilities.to_dtype(DType::F32).and_then(|t| t.flatten_all()?.to_vec1::<f32>()).map_err(err)?;
+        let logits = logits
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(err)?;
+        let probabilities = probabilities
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(err)?;
         let classes = self.spec.num_classes;
         if logits.len() != x.dim(0).map_err(err)? * classes {
             return Err(BackendError::Inference(format!(
@@ -200,23 +222,41 @@ impl Worker {
             .map(|j| {
                 let range = offset * classes..(offset + j.request.batch) * classes;
                 offset += j.request.batch;
-                Response { logits: logits[range.clone()].to_vec(), probabilities: probabilities[range].to_vec() }
+                Response {
+                    logits: logits[range.clone()].to_vec(),
+                    probabilities: probabilities[range].to_vec(),
+                }
             })
             .collect();
         let t3 = Instant::now();
-        Ok((outputs, BatchTimes { input: t1 - t0, infer: t2 - t1, output: t3 - t2 }))
+        Ok((
+            outputs,
+            BatchTimes {
+                input: t1 - t0,
+                infer: t2 - t1,
+                output: t3 - t2,
+            },
+        ))
     }
 
     fn to_tensor(&self, r: &Request) -> candle_core::Result<Tensor> {
-        let InputSize { height, width, channels } = self.spec.input;
+        let InputSize {
+            height,
+            width,
+            channels,
+        } = self.spec.input;
         match &r.images {
             Images::Pixels(p) => {
                 let Normalisation { mean, std } = self.spec.normalisation;
                 let x = Tensor::from_slice(p, (r.batch, height, width, channels), &Device::Cpu)?;
                 let x = x.to_dtype(DType::F32)?;
-                ((x - f64::from(mean))? / f64::from(std))?.permute((0, 3, 1, 2))?.contiguous()
+                ((x - f64::from(mean))? / f64::from(std))?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()
             }
-            Images::Normalised(v) => Tensor::from_slice(v, (r.batch, channels, height, width), &Device::Cpu),
+            Images::Normalised(v) => {
+                Tensor::from_slice(v, (r.batch, channels, height, width), &Device::Cpu)
+            }
         }
     }
 }
@@ -234,6 +274,8 @@ pub async fn warm_up(batcher: &Batcher, input: InputSize) -> Result<(), InferErr
     };
     match tokio::time::timeout(WARMUP_TIMEOUT, batcher.infer(request)).await {
         Ok(r) => r.map(|_| ()),
-        Err(_) => Err(InferError::Backend(BackendError::Inference("warm-up timed out".into()))),
+        Err(_) => Err(InferError::Backend(BackendError::Inference(
+            "warm-up timed out".into(),
+        ))),
     }
 }

@@ -91,7 +91,9 @@ pub fn parse(
         PIXELS => ("UINT8", pixels_shape(config)),
         INPUT => ("FP32", input_shape(config)),
         other => {
-            return Err(invalid(format!("unknown input `{other}`; this model takes `{PIXELS}` or `{INPUT}`")));
+            return Err(invalid(format!(
+                "unknown input `{other}`; this model takes `{PIXELS}` or `{INPUT}`"
+            )));
         }
     };
     if input.datatype != expected_dtype {
@@ -101,62 +103,116 @@ pub fn parse(
         )));
     }
     let batch = check_shape(&input.name, &input.shape, &expected_shape, max_batch_size)?;
-    let count = batch * expected_shape[1..].iter().map(|d| *d as usize).product::<usize>();
+    let count = batch
+        * expected_shape[1..]
+            .iter()
+            .map(|d| *d as usize)
+            .product::<usize>();
     let images = match (input.name.as_str(), raw) {
         (PIXELS, Some(bytes)) => {
             check_len(&input.name, bytes.len(), count, 1)?;
             Images::Pixels(bytes)
         }
         (PIXELS, None) => {
-            let values = input.contents.as_ref().map(|c| c.uint_contents.as_slice()).unwrap_or_default();
+            let values = input
+                .contents
+                .as_ref()
+                .map(|c| c.uint_contents.as_slice())
+                .unwrap_or_default();
             check_count(&input.name, "uint_contents", values.len(), count)?;
             let pixels = values
                 .iter()
                 .map(|v| u8::try_from(*v))
                 .collect::<Result<Vec<u8>, _>>()
-                .map_err(|_| invalid(format!("input `{PIXELS}` has a value above 255 in uint_contents")))?;
+                .map_err(|_| {
+                    invalid(format!(
+                        "input `{PIXELS}` has a value above 255 in uint_contents"
+                    ))
+                })?;
             Images::Pixels(pixels)
         }
         (_, Some(bytes)) => {
             check_len(&input.name, bytes.len(), count, 4)?;
-            let values = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let values = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             Images::Normalised(check_finite(values)?)
         }
         (_, None) => {
-            let values = input.contents.as_ref().map(|c| c.fp32_contents.clone()).unwrap_or_default();
+            let values = input
+                .contents
+                .as_ref()
+                .map(|c| c.fp32_contents.clone())
+                .unwrap_or_default();
             check_count(&input.name, "fp32_contents", values.len(), count)?;
             Images::Normalised(check_finite(values)?)
         }
     };
     let outputs = if outputs.is_empty() {
         vec![
-            OutputSpec { output: Output::Logits, classification: None },
-            OutputSpec { output: Output::Probabilities, classification: None },
+            OutputSpec {
+                output: Output::Logits,
+                classification: None,
+            },
+            OutputSpec {
+                output: Output::Probabilities,
+                classification: None,
+            },
         ]
     } else {
-        outputs.iter().map(|o| parse_output(o, config.num_classes)).collect::<Result<_, _>>()?
+        outputs
+            .iter()
+            .map(|o| parse_output(o, config.num_classes))
+            .collect::<Result<_, _>>()?
     };
-    Ok(Parsed { request: Request { batch, images }, outputs })
+    Ok(Parsed {
+        request: Request { batch, images },
+        outputs,
+    })
 }
 
 /// `[-1, H, W, 3]`: the pixels input as ModelMetadata describes it.
 pub fn pixels_shape(c: &VersionConfig) -> Vec<i64> {
-    vec![-1, c.input.height as i64, c.input.width as i64, c.input.channels as i64]
+    vec![
+        -1,
+        c.input.height as i64,
+        c.input.width as i64,
+        c.input.channels as i64,
+    ]
 }
 
 /// `[-1, 3, H, W]`: the normalised input as ModelMetadata describes it.
 pub fn input_shape(c: &VersionConfig) -> Vec<i64> {
-    vec![-1, c.input.channels as i64, c.input.height as i64, c.input.width as i64]
+    vec![
+        -1,
+        c.input.channels as i64,
+        c.input.height as i64,
+        c.input.width as i64,
+    ]
 }
 
 fn shape_text(shape: &[i64]) -> String {
-    let dims: Vec<String> =
-        shape.iter().map(|d| if *d < 0 { "N".to_owned() } else { d.to_string() }).collect();
+    let dims: Vec<String> = shape
+        .iter()
+        .map(|d| {
+            if *d < 0 {
+                "N".to_owned()
+            } else {
+                d.to_string()
+            }
+        })
+        .collect();
     format!("[{}]", dims.join(", "))
 }
 
 /// Checks a shape against `[-1, ...]` and returns the batch size.
-fn check_shape(name: &str, shape: &[i64], expected: &[i64], max_batch: usize) -> Result<usize, InferError> {
+fn check_shape(
+    name: &str,
+    shape: &[i64],
+    expected: &[i64],
+    max_batch: usize,
+) -> Result<usize, InferError> {
     let matches = shape.len() == expected.len() && shape[1..] == expected[1..];
     if !matches {
         return Err(invalid(format!(
@@ -166,7 +222,10 @@ fn check_shape(name: &str, shape: &[i64], expected: &[i64], max_batch: usize) ->
     }
     let batch = usize::try_from(shape[0]).unwrap_or(0);
     if batch == 0 {
-        return Err(invalid(format!("input `{name}` has batch size {}; it must be at least 1", shape[0])));
+        return Err(invalid(format!(
+            "input `{name}` has batch size {}; it must be at least 1",
+            shape[0]
+        )));
     }
     if batch > max_batch {
         return Err(invalid(format!(
@@ -190,14 +249,18 @@ fn check_count(name: &str, field: &str, got: usize, count: usize) -> Result<(), 
     if got == count {
         return Ok(());
     }
-    Err(invalid(format!("input `{name}` has {got} values in contents.{field}; the shape needs {count}")))
+    Err(invalid(format!(
+        "input `{name}` has {got} values in contents.{field}; the shape needs {count}"
+    )))
 }
 
 fn check_finite(values: Vec<f32>) -> Result<Vec<f32>, InferError> {
     if values.iter().all(|v| v.is_finite()) {
         Ok(values)
     } else {
-        Err(invalid(format!("input `{INPUT}` contains NaN or infinite values")))
+        Err(invalid(format!(
+            "input `{INPUT}` contains NaN or infinite values"
+        )))
     }
 }
 
@@ -230,7 +293,10 @@ fn parse_output(o: &InferRequestedOutputTensor, classes: usize) -> Result<Output
             }
         }
     };
-    Ok(OutputSpec { output, classification })
+    Ok(OutputSpec {
+        output,
+        classification,
+    })
 }
 
 /// Builds the output tensors and their raw contents, in the requested order.
@@ -251,7 +317,14 @@ pub fn encode(
             match spec.classification {
                 None => {
                     let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                    (tensor(spec.output.name(), "FP32", vec![batch as i64, classes as i64]), bytes)
+                    (
+                        tensor(
+                            spec.output.name(),
+                            "FP32",
+                            vec![batch as i64, classes as i64],
+                        ),
+                        bytes,
+                    )
                 }
                 Some(k) => {
                     let mut bytes = Vec::new();
@@ -262,7 +335,10 @@ pub fn encode(
                             bytes.extend_from_slice(text.as_bytes());
                         }
                     }
-                    (tensor(spec.output.name(), "BYTES", vec![batch as i64, k as i64]), bytes)
+                    (
+                        tensor(spec.output.name(), "BYTES", vec![batch as i64, k as i64]),
+                        bytes,
+                    )
                 }
             }
         })
@@ -270,7 +346,12 @@ pub fn encode(
 }
 
 fn tensor(name: &str, datatype: &str, shape: Vec<i64>) -> InferOutputTensor {
-    InferOutputTensor { name: name.to_owned(), datatype: datatype.to_owned(), shape, ..Default::default() }
+    InferOutputTensor {
+        name: name.to_owned(),
+        datatype: datatype.to_owned(),
+        shape,
+        ..Default::default()
+    }
 }
 
 /// Indices and values of the `k` largest values, largest first; ties keep
@@ -284,7 +365,9 @@ pub fn top_k(values: &[f32], k: usize) -> Vec<(usize, f32)> {
 
 /// An `int64` request parameter, as clients build them.
 pub fn int64_param(v: i64) -> InferParameter {
-    InferParameter { parameter_choice: Some(ParameterChoice::Int64Param(v)) }
+    InferParameter {
+        parameter_choice: Some(ParameterChoice::Int64Param(v)),
+    }
 }
 
 #[cfg(test)]
@@ -299,14 +382,26 @@ mod tests {
             weights: "w".into(),
             labels: "l".into(),
             num_classes: 4,
-            input: InputSize { height: 2, width: 3, channels: 3 },
-            normalisation: Normalisation { mean: 127.0, std: 128.0 },
+            input: InputSize {
+                height: 2,
+                width: 3,
+                channels: 3,
+            },
+            normalisation: Normalisation {
+                mean: 127.0,
+                std: 128.0,
+            },
             preprocessing: serde_json::Value::Null,
         }
     }
 
     fn input(name: &str, dtype: &str, shape: &[i64]) -> InferInputTensor {
-        InferInputTensor { name: name.into(), datatype: dtype.into(), shape: shape.to_vec(), ..Default::default() }
+        InferInputTensor {
+            name: name.into(),
+            datatype: dtype.into(),
+            shape: shape.to_vec(),
+            ..Default::default()
+        }
     }
 
     fn err(r: Result<Parsed, InferError>) -> String {
@@ -318,7 +413,14 @@ mod tests {
 
     #[test]
     fn raw_pixels_are_accepted_and_moved() {
-        let p = parse(&[input(PIXELS, "UINT8", &[2, 2, 3, 3])], vec![vec![7; 36]], &[], &config(), 4).unwrap();
+        let p = parse(
+            &[input(PIXELS, "UINT8", &[2, 2, 3, 3])],
+            vec![vec![7; 36]],
+            &[],
+            &config(),
+            4,
+        )
+        .unwrap();
         assert_eq!(p.request.batch, 2);
         assert!(matches!(p.request.images, Images::Pixels(ref v) if v.len() == 36));
         assert_eq!(p.outputs.len(), 2);
@@ -327,7 +429,10 @@ mod tests {
     #[test]
     fn typed_fp32_is_accepted() {
         let mut t = input(INPUT, "FP32", &[1, 3, 2, 3]);
-        t.contents = Some(InferTensorContents { fp32_contents: vec![0.5; 18], ..Default::default() });
+        t.contents = Some(InferTensorContents {
+            fp32_contents: vec![0.5; 18],
+            ..Default::default()
+        });
         let p = parse(&[t], vec![], &[], &config(), 4).unwrap();
         assert!(matches!(p.request.images, Images::Normalised(ref v) if v.len() == 18));
     }
@@ -335,17 +440,53 @@ mod tests {
     #[test]
     fn wrong_inputs_say_what_was_expected() {
         let c = config();
-        let m = err(parse(&[input(PIXELS, "FP32", &[1, 2, 3, 3])], vec![vec![0; 72]], &[], &c, 4));
+        let m = err(parse(
+            &[input(PIXELS, "FP32", &[1, 2, 3, 3])],
+            vec![vec![0; 72]],
+            &[],
+            &c,
+            4,
+        ));
         assert!(m.contains("must be UINT8"), "{m}");
-        let m = err(parse(&[input(PIXELS, "UINT8", &[1, 3, 2, 3])], vec![vec![0; 18]], &[], &c, 4));
+        let m = err(parse(
+            &[input(PIXELS, "UINT8", &[1, 3, 2, 3])],
+            vec![vec![0; 18]],
+            &[],
+            &c,
+            4,
+        ));
         assert!(m.contains("expected [N, 2, 3, 3]"), "{m}");
-        let m = err(parse(&[input(PIXELS, "UINT8", &[1, 2, 3, 3])], vec![vec![0; 17]], &[], &c, 4));
+        let m = err(parse(
+            &[input(PIXELS, "UINT8", &[1, 2, 3, 3])],
+            vec![vec![0; 17]],
+            &[],
+            &c,
+            4,
+        ));
         assert!(m.contains("17 bytes") && m.contains("18 bytes"), "{m}");
-        let m = err(parse(&[input(PIXELS, "UINT8", &[5, 2, 3, 3])], vec![vec![0; 90]], &[], &c, 4));
+        let m = err(parse(
+            &[input(PIXELS, "UINT8", &[5, 2, 3, 3])],
+            vec![vec![0; 90]],
+            &[],
+            &c,
+            4,
+        ));
         assert!(m.contains("max_batch_size 4"), "{m}");
-        let m = err(parse(&[input(PIXELS, "UINT8", &[0, 2, 3, 3])], vec![vec![]], &[], &c, 4));
+        let m = err(parse(
+            &[input(PIXELS, "UINT8", &[0, 2, 3, 3])],
+            vec![vec![]],
+            &[],
+            &c,
+            4,
+        ));
         assert!(m.contains("at least 1"), "{m}");
-        let m = err(parse(&[input("x", "UINT8", &[1, 2, 3, 3])], vec![vec![0; 18]], &[], &c, 4));
+        let m = err(parse(
+            &[input("x", "UINT8", &[1, 2, 3, 3])],
+            vec![vec![0; 18]],
+            &[],
+            &c,
+            4,
+        ));
         assert!(m.contains("unknown input `x`"), "{m}");
         let m = err(parse(&[], vec![], &[], &c, 4));
         assert!(m.contains("exactly one input"), "{m}");
@@ -354,7 +495,10 @@ mod tests {
     #[test]
     fn raw_and_typed_contents_are_exclusive() {
         let mut t = input(PIXELS, "UINT8", &[1, 2, 3, 3]);
-        t.contents = Some(InferTensorContents { uint_contents: vec![0; 18], ..Default::default() });
+        t.contents = Some(InferTensorContents {
+            uint_contents: vec![0; 18],
+            ..Default::default()
+        });
         let m = err(parse(&[t], vec![vec![0; 18]], &[], &config(), 4));
         assert!(m.contains("mutually exclusive"), "{m}");
     }
@@ -364,7 +508,10 @@ mod tests {
         let mut t = input(PIXELS, "UINT8", &[1, 2, 3, 3]);
         let mut values = vec![0; 18];
         values[3] = 256;
-        t.contents = Some(InferTensorContents { uint_contents: values, ..Default::default() });
+        t.contents = Some(InferTensorContents {
+            uint_contents: values,
+            ..Default::default()
+        });
         assert!(err(parse(&[t], vec![], &[], &config(), 4)).contains("above 255"));
     }
 
@@ -376,7 +523,13 @@ mod tests {
         };
         let t = || input(PIXELS, "UINT8", &[1, 2, 3, 3]);
         let p = parse(&[t()], vec![vec![0; 18]], &[out(2)], &config(), 4).unwrap();
-        assert_eq!(p.outputs, [OutputSpec { output: Output::Probabilities, classification: Some(2) }]);
+        assert_eq!(
+            p.outputs,
+            [OutputSpec {
+                output: Output::Probabilities,
+                classification: Some(2)
+            }]
+        );
         for k in [0, 5, -1] {
             let m = err(parse(&[t()], vec![vec![0; 18]], &[out(k)], &config(), 4));
             assert!(m.contains("from 1 to 4"), "{m}");
@@ -390,9 +543,15 @@ mod tests {
             logits: vec![0.0; 8],
             probabilities: vec![0.1, 0.2, 0.3, 0.4, 0.7, 0.1, 0.1, 0.1],
         };
-        let spec = [OutputSpec { output: Output::Probabilities, classification: Some(2) }];
+        let spec = [OutputSpec {
+            output: Output::Probabilities,
+            classification: Some(2),
+        }];
         let (tensors, raw) = encode(&spec, 2, &response, &labels);
-        assert_eq!((tensors[0].datatype.as_str(), tensors[0].shape.as_slice()), ("BYTES", &[2i64, 2][..]));
+        assert_eq!(
+            (tensors[0].datatype.as_str(), tensors[0].shape.as_slice()),
+            ("BYTES", &[2i64, 2][..])
+        );
         let mut strings = Vec::new();
         let mut rest = raw[0].as_slice();
         while !rest.is_empty() {
@@ -400,6 +559,14 @@ mod tests {
             strings.push(String::from_utf8(rest[4..4 + len].to_vec()).unwrap());
             rest = &rest[4 + len..];
         }
-        assert_eq!(strings, ["0.400000:3:d:e", "0.300000:2:c", "0.700000:0:a", "0.100000:1:b"]);
+        assert_eq!(
+            strings,
+            [
+                "0.400000:3:d:e",
+                "0.300000:2:c",
+                "0.700000:0:a",
+                "0.100000:1:b"
+            ]
+        );
     }
 }

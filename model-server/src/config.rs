@@ -57,7 +57,9 @@ impl Config {
             return Err(ConfigError("--max-queue-size must be at least 1".into()));
         }
         if self.max_message_size < 1024 * 1024 {
-            return Err(ConfigError("--max-message-size must be at least 1 MiB (1048576)".into()));
+            return Err(ConfigError(
+                "--max-message-size must be at least 1 MiB (1048576)".into(),
+            ));
         }
         Ok(())
     }

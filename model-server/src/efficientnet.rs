@@ -30,7 +30,13 @@ struct BlockSpec {
 }
 
 const fn b(kernel: usize, stride: usize, expand: usize, cin: usize, cout: usize) -> BlockSpec {
-    BlockSpec { kernel, stride, expand, cin, cout }
+    BlockSpec {
+        kernel,
+        stride,
+        expand,
+        cin,
+        cout,
+    }
 }
 
 /// The 16 blocks of EfficientNet-B0 (Lite0 keeps the same table).
@@ -70,7 +76,10 @@ impl Weights {
             .remove(name)
             .ok_or_else(|| candle_core::Error::Msg(format!("weight `{name}` is missing")))?;
         if t.dims() != shape {
-            candle_core::bail!("weight `{name}` has shape {:?}, expected {shape:?}", t.dims());
+            candle_core::bail!(
+                "weight `{name}` has shape {:?}, expected {shape:?}",
+                t.dims()
+            );
         }
         t.to_dtype(DType::F32)?.to_device(&self.device)
     }
@@ -98,7 +107,10 @@ impl ConvBn {
         groups: usize,
         relu6: bool,
     ) -> Result<Self> {
-        let weight = w.get(&format!("{conv}.weight"), &[cout, cin_per_group, kernel, kernel])?;
+        let weight = w.get(
+            &format!("{conv}.weight"),
+            &[cout, cin_per_group, kernel, kernel],
+        )?;
         let gamma = w.get(&format!("{bn}.weight"), &[cout])?;
         let beta = w.get(&format!("{bn}.bias"), &[cout])?;
         let mean = w.get(&format!("{bn}.running_mean"), &[cout])?;
@@ -108,7 +120,14 @@ impl ConvBn {
         let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
         let weight = weight.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
         let bias = (beta - (mean * &scale)?)?;
-        Ok(Self { weight, bias: bias.reshape((1, cout, 1, 1))?, kernel, stride, groups, relu6 })
+        Ok(Self {
+            weight,
+            bias: bias.reshape((1, cout, 1, 1))?,
+            kernel,
+            stride,
+            groups,
+            relu6,
+        })
     }
 }
 
@@ -134,7 +153,11 @@ impl Module for ConvBn {
                 .conv2d(&self.weight, 0, self.stride, 1, self.groups)?
         };
         let y = y.broadcast_add(&self.bias)?;
-        if self.relu6 { y.clamp(0f32, 6f32) } else { Ok(y) }
+        if self.relu6 {
+            y.clamp(0f32, 6f32)
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -181,7 +204,12 @@ impl MbConv {
             1,
             false,
         )?;
-        Ok(Self { expand, depthwise, project, skip: s.stride == 1 && s.cin == s.cout })
+        Ok(Self {
+            expand,
+            depthwise,
+            project,
+            skip: s.stride == 1 && s.cin == s.cout,
+        })
     }
 }
 
@@ -212,23 +240,54 @@ impl EfficientNetLite0 {
     /// Builds the network from `efficientnet_pytorch`-named tensors; every
     /// tensor must be used, so a checkpoint of another variant is refused.
     pub fn from_tensors(tensors: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
-        let mut w = Weights { tensors, device: device.clone() };
-        let stem = ConvBn::load(&mut w, "_conv_stem", "_bn0", (STEM_CHANNELS, 3, 3), 2, 1, true)?;
+        let mut w = Weights {
+            tensors,
+            device: device.clone(),
+        };
+        let stem = ConvBn::load(
+            &mut w,
+            "_conv_stem",
+            "_bn0",
+            (STEM_CHANNELS, 3, 3),
+            2,
+            1,
+            true,
+        )?;
         let blocks = BLOCKS
             .iter()
             .enumerate()
             .map(|(i, s)| MbConv::load(&mut w, i, *s))
             .collect::<Result<Vec<_>>>()?;
         let last = BLOCKS[BLOCKS.len() - 1].cout;
-        let head = ConvBn::load(&mut w, "_conv_head", "_bn1", (HEAD_CHANNELS, last, 1), 1, 1, true)?;
-        let fc_weight = w.get("_fc.weight", &[NUM_CLASSES, HEAD_CHANNELS])?.t()?.contiguous()?;
+        let head = ConvBn::load(
+            &mut w,
+            "_conv_head",
+            "_bn1",
+            (HEAD_CHANNELS, last, 1),
+            1,
+            1,
+            true,
+        )?;
+        let fc_weight = w
+            .get("_fc.weight", &[NUM_CLASSES, HEAD_CHANNELS])?
+            .t()?
+            .contiguous()?;
         let fc_bias = w.get("_fc.bias", &[NUM_CLASSES])?;
         let mut unused: Vec<_> = w.tensors.keys().cloned().collect();
         if !unused.is_empty() {
             unused.sort();
-            candle_core::bail!("checkpoint has tensors EfficientNet-Lite0 does not use: {unused:?}");
+            candle_core::bail!(
+                "checkpoint has tensors EfficientNet-Lite0 does not use: {unused:?}"
+            );
         }
-        Ok(Self { stem, blocks, head, fc_weight, fc_bias, device: device.clone() })
+        Ok(Self {
+            stem,
+            blocks,
+            head,
+            fc_weight,
+            fc_bias,
+            device: device.clone(),
+        })
     }
 
     /// Loads the network from a safetensors file.
@@ -240,7 +299,6 @@ impl EfficientNetLite0 {
     pub fn device(&self) -> &Device {
         &self.device
     }
-
 }
 
 impl Module for EfficientNetLite0 {

@@ -10,11 +10,19 @@ pub enum InferError {
     #[error("model `{0}` is not in the repository")]
     ModelNotFound(String),
     #[error("model `{model}` has no version `{version}` (available: {available})")]
-    VersionNotFound { model: String, version: String, available: String },
+    VersionNotFound {
+        model: String,
+        version: String,
+        available: String,
+    },
     #[error("{0}")]
     InvalidArgument(String),
     #[error("model `{model}` version {version} is not ready: {reason}")]
-    NotReady { model: String, version: u64, reason: String },
+    NotReady {
+        model: String,
+        version: u64,
+        reason: String,
+    },
     #[error("the inference queue of model `{0}` is full; retry later")]
     QueueFull(String),
     #[error("the server is shutting down")]

@@ -49,7 +49,9 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     const SERVICE: &str = "inference.GRPCInferenceService";
     for name in ["", SERVICE] {
-        health.set_service_status(name, ServingStatus::NotServing).await;
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
     }
     let opts = LoadOptions {
         pool: Arc::new(pool),
@@ -63,7 +65,9 @@ pub async fn serve(
             registry.load_all(&opts).await;
             if registry.all_ready() {
                 for name in ["", SERVICE] {
-                    health.set_service_status(name, ServingStatus::Serving).await;
+                    health
+                        .set_service_status(name, ServingStatus::Serving)
+                        .await;
                 }
                 tracing::info!("all models ready; serving");
             } else {
@@ -78,9 +82,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(registry, config.max_batch_size))
-        .max_decoding_message_size(config.max_message_size)
-        .max_encoding_message_size(config.max_message_size);
+    let inference =
+        GrpcInferenceServiceServer::new(InferenceService::new(registry, config.max_batch_size))
+            .max_decoding_message_size(config.max_message_size)
+            .max_encoding_message_size(config.max_message_size);
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, threads, repository = %config.model_repository.display(), "gRPC server listening");
@@ -90,7 +95,9 @@ pub async fn serve(
             shutdown.await;
             // Readiness goes first so balancers stop sending before we stop.
             for name in ["", SERVICE] {
-                health.set_service_status(name, ServingStatus::NotServing).await;
+                health
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
             }
             tracing::info!("shutting down");
         }
@@ -105,7 +112,10 @@ pub async fn serve(
 }
 
 /// Binds `config.grpc_addr` and serves until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("binding {}", config.grpc_addr))?;

@@ -57,11 +57,17 @@ impl Slot {
 
     /// The parsed config; a version whose config is broken is unavailable.
     pub fn config(&self) -> Result<&VersionConfig, InferError> {
-        self.config.as_ref().map_err(|reason| self.not_ready(reason.clone()))
+        self.config
+            .as_ref()
+            .map_err(|reason| self.not_ready(reason.clone()))
     }
 
     fn not_ready(&self, reason: String) -> InferError {
-        InferError::NotReady { model: self.model.clone(), version: self.version, reason }
+        InferError::NotReady {
+            model: self.model.clone(),
+            version: self.version,
+            reason,
+        }
     }
 }
 
@@ -91,7 +97,10 @@ impl Registry {
                 state: RwLock::new(State::Loading),
                 entry,
             };
-            models.entry(slot.model.clone()).or_default().insert(slot.version, Arc::new(slot));
+            models
+                .entry(slot.model.clone())
+                .or_default()
+                .insert(slot.version, Arc::new(slot));
         }
         Self { models }
     }
@@ -103,7 +112,9 @@ impl Registry {
 
     /// The versions of one model, oldest first.
     pub fn versions(&self, model: &str) -> Result<&BTreeMap<u64, Arc<Slot>>, InferError> {
-        self.models.get(model).ok_or_else(|| InferError::ModelNotFound(model.to_owned()))
+        self.models
+            .get(model)
+            .ok_or_else(|| InferError::ModelNotFound(model.to_owned()))
     }
 
     /// Finds a model version; an empty version means the newest one.
@@ -112,12 +123,20 @@ impl Registry {
         let not_found = || InferError::VersionNotFound {
             model: model.to_owned(),
             version: version.to_owned(),
-            available: versions.keys().map(u64::to_string).collect::<Vec<_>>().join(", "),
+            available: versions
+                .keys()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
         };
         if version.is_empty() {
             return versions.values().next_back().ok_or_else(not_found);
         }
-        version.parse::<u64>().ok().and_then(|v| versions.get(&v)).ok_or_else(not_found)
+        version
+            .parse::<u64>()
+            .ok()
+            .and_then(|v| versions.get(&v))
+            .ok_or_else(not_found)
     }
 
     /// True when there is at least one model and every version is ready.
@@ -169,9 +188,20 @@ async fn load(slot: &Slot, opts: &LoadOptions) -> Result<Loaded, InferError> {
         num_classes: config.num_classes,
         max_batch_size: opts.max_batch_size,
     };
-    let batcher = Batcher::spawn(spec, classifier, opts.pool.clone(), opts.queue_size, slot.stats.clone())
-        .map_err(|e| InferError::Backend(backend::BackendError::Load(format!("starting batcher thread: {e}"))))?;
+    let batcher = Batcher::spawn(
+        spec,
+        classifier,
+        opts.pool.clone(),
+        opts.queue_size,
+        slot.stats.clone(),
+    )
+    .map_err(|e| {
+        InferError::Backend(backend::BackendError::Load(format!(
+            "starting batcher thread: {e}"
+        )))
+    })?;
     batcher::warm_up(&batcher, config.input).await?;
+    slot.stats.reset();
     tracing::info!(
         model = %slot.model,
         version = slot.version,
@@ -179,9 +209,13 @@ async fn load(slot: &Slot, opts: &LoadOptions) -> Result<Loaded, InferError> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "loaded and warmed up"
     );
-    Ok(Loaded { batcher, labels: Arc::new(labels) })
+    Ok(Loaded {
+        batcher,
+        labels: Arc::new(labels),
+    })
 }
 
 fn read_labels(path: &Path, classes: usize) -> Result<Vec<String>, InferError> {
-    repository::read_labels(path, classes).map_err(|e| InferError::Backend(backend::BackendError::Load(e.to_string())))
+    repository::read_labels(path, classes)
+        .map_err(|e| InferError::Backend(backend::BackendError::Load(e.to_string())))
 }

@@ -11,14 +11,24 @@ pub const CONFIG_FILE: &str = "config.json";
 /// Errors reading the repository or one version in it.
 #[derive(Debug, thiserror::Error)]
 pub enum RepositoryError {
-    #[error("model repository `{0}` does not exist or is not a directory (create it with scripts/setup-model-repository.sh)")]
+    #[error(
+        "model repository `{0}` does not exist or is not a directory (create it with scripts/setup-model-repository.sh)"
+    )]
     Missing(PathBuf),
-    #[error("model repository `{0}` holds no model versions (expected <model>/<version>/config.json)")]
+    #[error(
+        "model repository `{0}` holds no model versions (expected <model>/<version>/config.json)"
+    )]
     Empty(PathBuf),
     #[error("reading `{path}`: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("`{path}` is not a valid model config: {source}")]
-    Config { path: PathBuf, source: serde_json::Error },
+    Config {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("`{path}`: {reason}")]
     Invalid { path: PathBuf, reason: String },
 }
@@ -80,7 +90,11 @@ pub fn scan(root: &Path) -> Result<Vec<VersionEntry>, RepositoryError> {
     }
     let mut entries = Vec::new();
     for model_dir in read_dirs(root)? {
-        let Some(model) = model_dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+        let Some(model) = model_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+        else {
             continue;
         };
         for version_dir in read_dirs(&model_dir)? {
@@ -95,7 +109,12 @@ pub fn scan(root: &Path) -> Result<Vec<VersionEntry>, RepositoryError> {
                 continue;
             };
             let config = read_config(&version_dir).map_err(|e| e.to_string());
-            entries.push(VersionEntry { model: model.clone(), version, dir: version_dir, config });
+            entries.push(VersionEntry {
+                model: model.clone(),
+                version,
+                dir: version_dir,
+                config,
+            });
         }
     }
     if entries.is_empty() {
@@ -106,7 +125,10 @@ pub fn scan(root: &Path) -> Result<Vec<VersionEntry>, RepositoryError> {
 }
 
 fn read_dirs(dir: &Path) -> Result<Vec<PathBuf>, RepositoryError> {
-    let io = |source| RepositoryError::Io { path: dir.to_path_buf(), source };
+    let io = |source| RepositoryError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
     let mut dirs = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let path = entry.map_err(io)?.path();
@@ -120,32 +142,47 @@ fn read_dirs(dir: &Path) -> Result<Vec<PathBuf>, RepositoryError> {
 /// Reads and checks `config.json` in a version directory.
 pub fn read_config(dir: &Path) -> Result<VersionConfig, RepositoryError> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|source| RepositoryError::Io { path: path.clone(), source })?;
-    let config: VersionConfig = serde_json::from_str(&text)
-        .map_err(|source| RepositoryError::Config { path: path.clone(), source })?;
-    let invalid = |reason: String| RepositoryError::Invalid { path: path.clone(), reason };
+    let text = std::fs::read_to_string(&path).map_err(|source| RepositoryError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let config: VersionConfig =
+        serde_json::from_str(&text).map_err(|source| RepositoryError::Config {
+            path: path.clone(),
+            source,
+        })?;
+    let invalid = |reason: String| RepositoryError::Invalid {
+        path: path.clone(),
+        reason,
+    };
     if config.num_classes == 0 {
         return Err(invalid("num_classes must be positive".into()));
     }
-    let InputSize { height, width, channels } = config.input;
+    let InputSize {
+        height,
+        width,
+        channels,
+    } = config.input;
     if height == 0 || width == 0 || channels != 3 {
         return Err(invalid(format!(
             "input must be a positive size with 3 channels, got {height}x{width}x{channels}"
         )));
     }
-    if !(config.normalisation.std.is_finite() && config.normalisation.std != 0.0)
-        || !config.normalisation.mean.is_finite()
-    {
-        return Err(invalid("normalisation needs a finite mean and a finite non-zero std".into()));
+    let Normalisation { mean, std } = config.normalisation;
+    if !mean.is_finite() || !std.is_finite() || std == 0.0 {
+        return Err(invalid(
+            "normalisation needs a finite mean and a finite non-zero std".into(),
+        ));
     }
     Ok(config)
 }
 
 /// Reads a labels file: one label per line, exactly `num_classes` of them.
 pub fn read_labels(path: &Path, num_classes: usize) -> Result<Vec<String>, RepositoryError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| RepositoryError::Io { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| RepositoryError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let labels: Vec<String> = text.lines().map(|l| l.trim_end().to_owned()).collect();
     if labels.len() != num_classes || labels.iter().any(String::is_empty) {
         return Err(RepositoryError::Invalid {
@@ -193,9 +230,18 @@ mod tests {
             std::fs::write(dir.join(CONFIG_FILE), body).unwrap();
         }
         let entries = scan(&root).unwrap();
-        let names: Vec<_> = entries.iter().map(|e| (e.model.as_str(), e.version)).collect();
+        let names: Vec<_> = entries
+            .iter()
+            .map(|e| (e.model.as_str(), e.version))
+            .collect();
         assert_eq!(names, [("broken", 1), ("m", 1), ("m", 2)]);
-        assert!(entries[0].config.as_ref().unwrap_err().contains("not a valid model config"));
+        assert!(
+            entries[0]
+                .config
+                .as_ref()
+                .unwrap_err()
+                .contains("not a valid model config")
+        );
         assert_eq!(entries[2].config.as_ref().unwrap().num_classes, 10);
         std::fs::remove_dir_all(root).unwrap();
     }
@@ -204,7 +250,10 @@ mod tests {
     fn scan_refuses_missing_and_empty_repositories() {
         let root = temp_repo("empty");
         assert!(matches!(scan(&root), Err(RepositoryError::Empty(_))));
-        assert!(matches!(scan(&root.join("nope")), Err(RepositoryError::Missing(_))));
+        assert!(matches!(
+            scan(&root.join("nope")),
+            Err(RepositoryError::Missing(_))
+        ));
         std::fs::remove_dir_all(root).unwrap();
     }
 
@@ -214,7 +263,12 @@ mod tests {
         let path = root.join("labels.txt");
         std::fs::write(&path, "a\nb\nc\n").unwrap();
         assert_eq!(read_labels(&path, 3).unwrap(), ["a", "b", "c"]);
-        assert!(read_labels(&path, 4).unwrap_err().to_string().contains("expected 4"));
+        assert!(
+            read_labels(&path, 4)
+                .unwrap_err()
+                .to_string()
+                .contains("expected 4")
+        );
         std::fs::remove_dir_all(root).unwrap();
     }
 }

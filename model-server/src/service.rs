@@ -6,11 +6,13 @@ use oip_proto::GrpcInferenceService;
 use oip_proto::inference::model_metadata_response::TensorMetadata;
 use oip_proto::inference::repository_index_response::ModelIndex;
 use oip_proto::inference::{
-    DataType, ModelConfig, ModelConfigRequest, ModelConfigResponse, ModelDynamicBatching, ModelInferRequest,
-    ModelInferResponse, ModelInput, ModelInstanceGroup, ModelMetadataRequest, ModelMetadataResponse, ModelOutput,
-    ModelReadyRequest, ModelReadyResponse, ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
-    RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
-    ServerReadyRequest, ServerReadyResponse, model_input, model_instance_group,
+    DataType, ModelConfig, ModelConfigRequest, ModelConfigResponse, ModelDynamicBatching,
+    ModelInferRequest, ModelInferResponse, ModelInput, ModelInstanceGroup, ModelMetadataRequest,
+    ModelMetadataResponse, ModelOutput, ModelReadyRequest, ModelReadyResponse,
+    ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
+    RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
+    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse, model_input,
+    model_instance_group,
 };
 use tonic::{Request, Response, Status};
 
@@ -22,7 +24,12 @@ use crate::repository::VersionConfig;
 pub const SERVER_NAME: &str = "model-server";
 
 /// Protocol extensions this server implements, as ServerMetadata lists them.
-pub const EXTENSIONS: [&str; 4] = ["classification", "model_configuration", "statistics", "model_repository"];
+pub const EXTENSIONS: [&str; 4] = [
+    "classification",
+    "model_configuration",
+    "statistics",
+    "model_repository",
+];
 
 /// Platform string of candle-run models in metadata and config.
 const PLATFORM: &str = "candle";
@@ -36,15 +43,27 @@ pub struct InferenceService {
 impl InferenceService {
     /// A service answering for every model in `registry`.
     pub fn new(registry: Arc<Registry>, max_batch_size: usize) -> Self {
-        Self { registry, max_batch_size }
+        Self {
+            registry,
+            max_batch_size,
+        }
     }
 }
 
 fn tensor_meta(name: &str, datatype: &str, shape: Vec<i64>) -> TensorMetadata {
-    TensorMetadata { name: name.to_owned(), datatype: datatype.to_owned(), shape }
+    TensorMetadata {
+        name: name.to_owned(),
+        datatype: datatype.to_owned(),
+        shape,
+    }
 }
 
-fn model_input(name: &str, data_type: DataType, format: model_input::Format, shape: Vec<i64>) -> ModelInput {
+fn model_input(
+    name: &str,
+    data_type: DataType,
+    format: model_input::Format,
+    shape: Vec<i64>,
+) -> ModelInput {
     ModelInput {
         name: name.to_owned(),
         data_type: data_type as i32,
@@ -74,35 +93,64 @@ fn model_config(name: &str, c: &VersionConfig, max_batch_size: usize) -> ModelCo
         backend: PLATFORM.to_owned(),
         max_batch_size: i32::try_from(max_batch_size).unwrap_or(i32::MAX),
         input: vec![
-            model_input(PIXELS, DataType::TypeUint8, model_input::Format::Nhwc, codec::pixels_shape(c)),
-            model_input(INPUT, DataType::TypeFp32, model_input::Format::Nchw, codec::input_shape(c)),
+            model_input(
+                PIXELS,
+                DataType::TypeUint8,
+                model_input::Format::Nhwc,
+                codec::pixels_shape(c),
+            ),
+            model_input(
+                INPUT,
+                DataType::TypeFp32,
+                model_input::Format::Nchw,
+                codec::input_shape(c),
+            ),
         ],
-        output: vec![model_output(LOGITS, c.num_classes), model_output(PROBABILITIES, c.num_classes)],
+        output: vec![
+            model_output(LOGITS, c.num_classes),
+            model_output(PROBABILITIES, c.num_classes),
+        ],
         instance_group: vec![ModelInstanceGroup {
             name: format!("{name}_cpu"),
             count: 1,
             kind: model_instance_group::Kind::Cpu as i32,
             ..Default::default()
         }],
-        dynamic_batching: Some(ModelDynamicBatching { max_queue_delay_microseconds: 0, ..Default::default() }),
+        dynamic_batching: Some(ModelDynamicBatching {
+            max_queue_delay_microseconds: 0,
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
 
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceService {
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
         Ok(Response::new(ServerLiveResponse { live: true }))
     }
 
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: self.registry.all_ready() }))
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.registry.all_ready(),
+        }))
     }
 
-    async fn model_ready(&self, req: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+    async fn model_ready(
+        &self,
+        req: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
         let r = req.into_inner();
         let slot = self.registry.resolve(&r.name, &r.version)?;
-        Ok(Response::new(ModelReadyResponse { ready: matches!(slot.state(), State::Ready(_)) }))
+        Ok(Response::new(ModelReadyResponse {
+            ready: matches!(slot.state(), State::Ready(_)),
+        }))
     }
 
     async fn server_metadata(
@@ -123,7 +171,12 @@ impl GrpcInferenceService for InferenceService {
         let r = req.into_inner();
         let slot = self.registry.resolve(&r.name, &r.version)?;
         let c = slot.config()?;
-        let versions = self.registry.versions(&r.name)?.keys().map(u64::to_string).collect();
+        let versions = self
+            .registry
+            .versions(&r.name)?
+            .keys()
+            .map(u64::to_string)
+            .collect();
         Ok(Response::new(ModelMetadataResponse {
             name: slot.model.clone(),
             versions,
@@ -139,19 +192,32 @@ impl GrpcInferenceService for InferenceService {
         }))
     }
 
-    async fn model_infer(&self, req: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+    async fn model_infer(
+        &self,
+        req: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
         let mut r = req.into_inner();
         let span = tracing::info_span!("model_infer", model = %r.model_name, version = %r.model_version, id = %r.id);
         let _enter = span.enter();
         let slot = self.registry.resolve(&r.model_name, &r.model_version)?;
         let loaded = slot.ready()?;
         let raw = std::mem::take(&mut r.raw_input_contents);
-        let parsed = codec::parse(&r.inputs, raw, &r.outputs, slot.config()?, self.max_batch_size)?;
+        let parsed = codec::parse(
+            &r.inputs,
+            raw,
+            &r.outputs,
+            slot.config()?,
+            self.max_batch_size,
+        )?;
         drop(_enter);
         let batch = parsed.request.batch;
-        let result = tracing::Instrument::instrument(loaded.batcher.infer(parsed.request), span.clone()).await;
-        let out = result.inspect_err(|e| tracing::debug!(parent: &span, error = %e, "inference failed"))?;
-        let (outputs, raw_output_contents) = codec::encode(&parsed.outputs, batch, &out, &loaded.labels);
+        let result =
+            tracing::Instrument::instrument(loaded.batcher.infer(parsed.request), span.clone())
+                .await;
+        let out = result
+            .inspect_err(|e| tracing::debug!(parent: &span, error = %e, "inference failed"))?;
+        let (outputs, raw_output_contents) =
+            codec::encode(&parsed.outputs, batch, &out, &loaded.labels);
         Ok(Response::new(ModelInferResponse {
             model_name: slot.model.clone(),
             model_version: slot.version.to_string(),
@@ -162,11 +228,16 @@ impl GrpcInferenceService for InferenceService {
         }))
     }
 
-    async fn model_config(&self, req: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
+    async fn model_config(
+        &self,
+        req: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
         let r = req.into_inner();
         let slot = self.registry.resolve(&r.name, &r.version)?;
         let config = model_config(&slot.model, slot.config()?, self.max_batch_size);
-        Ok(Response::new(ModelConfigResponse { config: Some(config) }))
+        Ok(Response::new(ModelConfigResponse {
+            config: Some(config),
+        }))
     }
 
     async fn model_statistics(
@@ -175,9 +246,16 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
         let r = req.into_inner();
         let model_stats = if r.name.is_empty() {
-            self.registry.slots().map(|s| s.stats.to_proto(&s.model, s.version)).collect()
+            self.registry
+                .slots()
+                .map(|s| s.stats.to_proto(&s.model, s.version))
+                .collect()
         } else if r.version.is_empty() {
-            self.registry.versions(&r.name)?.values().map(|s| s.stats.to_proto(&s.model, s.version)).collect()
+            self.registry
+                .versions(&r.name)?
+                .values()
+                .map(|s| s.stats.to_proto(&s.model, s.version))
+                .collect()
         } else {
             let s = self.registry.resolve(&r.name, &r.version)?;
             vec![s.stats.to_proto(&s.model, s.version)]

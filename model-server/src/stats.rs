@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use oip_proto::inference::{InferBatchStatistics, InferStatistics, ModelStatistics, StatisticDuration};
+use oip_proto::inference::{
+    InferBatchStatistics, InferStatistics, ModelStatistics, StatisticDuration,
+};
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Dur {
@@ -16,11 +18,16 @@ struct Dur {
 impl Dur {
     fn add(&mut self, d: Duration) {
         self.count += 1;
-        self.ns = self.ns.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.ns = self
+            .ns
+            .saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     }
 
     fn proto(self) -> Option<StatisticDuration> {
-        Some(StatisticDuration { count: self.count, ns: self.ns })
+        Some(StatisticDuration {
+            count: self.count,
+            ns: self.ns,
+        })
     }
 }
 
@@ -69,7 +76,9 @@ impl Stats {
 
     /// Records one executed batch of `size` images.
     pub fn record_batch(&self, size: usize, t: BatchTimes) {
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         self.with(|s| {
             s.last_inference_ms = now_ms;
             s.execution_count += 1;
@@ -96,6 +105,11 @@ impl Stats {
     /// Records one request that failed after it was accepted.
     pub fn record_failure(&self, total: Duration) {
         self.with(|s| s.fail.add(total));
+    }
+
+    /// Forgets everything recorded so far (the warm-up request is not traffic).
+    pub fn reset(&self) {
+        self.with(|s| *s = Inner::default());
     }
 
     /// Snapshot as the protocol message.
@@ -149,7 +163,10 @@ mod tests {
         stats.record_success(Duration::from_micros(5), Duration::from_micros(20), t);
         stats.record_failure(Duration::from_micros(7));
         let p = stats.to_proto("m", 2);
-        assert_eq!((p.inference_count, p.execution_count, p.version.as_str()), (4, 2, "2"));
+        assert_eq!(
+            (p.inference_count, p.execution_count, p.version.as_str()),
+            (4, 2, "2")
+        );
         let sizes: Vec<_> = p.batch_stats.iter().map(|b| b.batch_size).collect();
         assert_eq!(sizes, [1, 3]);
         let inf = p.inference_stats.unwrap();

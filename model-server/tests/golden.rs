@@ -18,14 +18,22 @@ const BATCH_TOLERANCE: f32 = 5e-5;
 
 fn logits(model: &EfficientNetLite0, input: &[f32], batch: usize) -> Vec<f32> {
     let x = Tensor::from_slice(input, (batch, 3, 224, 224), &Device::Cpu).expect("input");
-    model.forward(&x).and_then(|y| y.flatten_all()?.to_vec1()).expect("forward")
+    model
+        .forward(&x)
+        .and_then(|y| y.flatten_all()?.to_vec1())
+        .expect("forward")
 }
 
 #[test]
 fn matches_golden_logits_single_and_batched() {
     let pool = pool();
-    let model = pool.install(|| EfficientNetLite0::load(&weights(), &Device::Cpu)).expect("load model");
-    let mut inputs = vec![("synthetic_splitmix0", splitmix_input()), ("zeros", vec![0.0; 3 * 224 * 224])];
+    let model = pool
+        .install(|| EfficientNetLite0::load(&weights(), &Device::Cpu))
+        .expect("load model");
+    let mut inputs = vec![
+        ("synthetic_splitmix0", splitmix_input()),
+        ("zeros", vec![0.0; 3 * 224 * 224]),
+    ];
     for (name, _) in PHOTOS {
         inputs.push((name, normalise(&golden_pixels(name))));
     }
@@ -34,7 +42,10 @@ fn matches_golden_logits_single_and_batched() {
         let got = pool.install(|| logits(&model, input, 1));
         let diff = max_abs_diff(&got, &golden_logits(name));
         println!("{name}: max abs diff to golden logits {diff:.2e}");
-        assert!(diff < TOLERANCE, "{name}: max abs diff {diff} ≥ {TOLERANCE}");
+        assert!(
+            diff < TOLERANCE,
+            "{name}: max abs diff {diff} ≥ {TOLERANCE}"
+        );
         singles.push(got);
     }
     for ((name, expected), got) in PHOTOS.iter().zip(&singles[2..]) {
@@ -46,8 +57,16 @@ fn matches_golden_logits_single_and_batched() {
     for (i, single) in singles.iter().enumerate() {
         let row = &batched[i * 1000..(i + 1) * 1000];
         let diff = max_abs_diff(row, single);
-        println!("{}: batch of {} vs single, max abs diff {diff:.2e}", inputs[i].0, inputs.len());
-        assert!(diff <= BATCH_TOLERANCE, "{}: batched result differs from single run by {diff}", inputs[i].0);
+        println!(
+            "{}: batch of {} vs single, max abs diff {diff:.2e}",
+            inputs[i].0,
+            inputs.len()
+        );
+        assert!(
+            diff <= BATCH_TOLERANCE,
+            "{}: batched result differs from single run by {diff}",
+            inputs[i].0
+        );
         assert_eq!(argmax(row), argmax(single));
     }
 }
@@ -57,6 +76,11 @@ fn refuses_weights_of_another_shape() {
     let mut tensors = candle_core::safetensors::load(weights(), &Device::Cpu).expect("weights");
     let bad = Tensor::zeros((24, 16, 1, 1), candle_core::DType::F32, &Device::Cpu).expect("tensor");
     tensors.insert("_blocks.1._expand_conv.weight".into(), bad);
-    let err = EfficientNetLite0::from_tensors(tensors, &Device::Cpu).expect_err("must refuse").to_string();
-    assert!(err.contains("_blocks.1._expand_conv.weight") && err.contains("[96, 16, 1, 1]"), "{err}");
+    let err = EfficientNetLite0::from_tensors(tensors, &Device::Cpu)
+        .expect_err("must refuse")
+        .to_string();
+    assert!(
+        err.contains("_blocks.1._expand_conv.weight") && err.contains("[96, 16, 1, 1]"),
+        "{err}"
+    );
 }

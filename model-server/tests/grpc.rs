@@ -9,7 +9,11 @@ use tonic::Code;
 
 const MODEL: &str = "efficientnet-lite0";
 
-fn pixels_request(pixels: Vec<u8>, batch: i64, outputs: Vec<InferRequestedOutputTensor>) -> ModelInferRequest {
+fn pixels_request(
+    pixels: Vec<u8>,
+    batch: i64,
+    outputs: Vec<InferRequestedOutputTensor>,
+) -> ModelInferRequest {
     ModelInferRequest {
         model_name: MODEL.into(),
         id: "req-1".into(),
@@ -28,16 +32,25 @@ fn pixels_request(pixels: Vec<u8>, batch: i64, outputs: Vec<InferRequestedOutput
 fn classification(k: i64) -> InferRequestedOutputTensor {
     InferRequestedOutputTensor {
         name: "probabilities".into(),
-        parameters: [("classification".to_owned(), model_server::codec::int64_param(k))].into(),
+        parameters: [(
+            "classification".to_owned(),
+            model_server::codec::int64_param(k),
+        )]
+        .into(),
     }
 }
 
 fn output(name: &str) -> InferRequestedOutputTensor {
-    InferRequestedOutputTensor { name: name.into(), ..Default::default() }
+    InferRequestedOutputTensor {
+        name: name.into(),
+        ..Default::default()
+    }
 }
 
 fn f32s(raw: &[u8]) -> Vec<f32> {
-    raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    raw.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Splits a raw BYTES tensor: each element is a u32 LE length, then the bytes.
@@ -59,7 +72,12 @@ fn golden_top5(name: &str) -> Vec<(usize, String)> {
         .as_array()
         .expect("top5 array")
         .iter()
-        .map(|e| (e["index"].as_u64().expect("index") as usize, e["label"].as_str().expect("label").to_owned()))
+        .map(|e| {
+            (
+                e["index"].as_u64().expect("index") as usize,
+                e["label"].as_str().expect("label").to_owned(),
+            )
+        })
         .collect()
 }
 
@@ -73,22 +91,38 @@ async fn photos_sent_as_uint8_get_the_golden_top5() {
         .map(String::from)
         .collect();
     for (name, top1) in PHOTOS {
-        let req = pixels_request(golden_pixels(name), 1, vec![classification(5), output("logits")]);
+        let req = pixels_request(
+            golden_pixels(name),
+            1,
+            vec![classification(5), output("logits")],
+        );
         let resp = client.model_infer(req).await.expect("infer").into_inner();
-        assert_eq!((resp.model_name.as_str(), resp.model_version.as_str(), resp.id.as_str()), (MODEL, "1", "req-1"));
+        assert_eq!(
+            (
+                resp.model_name.as_str(),
+                resp.model_version.as_str(),
+                resp.id.as_str()
+            ),
+            (MODEL, "1", "req-1")
+        );
         assert_eq!(resp.outputs[0].datatype, "BYTES");
         assert_eq!(resp.outputs[0].shape, [1, 5]);
         let top5: Vec<(usize, String)> = strings(&resp.raw_output_contents[0])
             .iter()
             .map(|s| {
                 let mut parts = s.splitn(3, ':');
-                let _prob: f32 = parts.next().and_then(|p| p.parse().ok()).expect("probability");
+                let _prob: f32 = parts
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("probability");
                 let index: usize = parts.next().and_then(|p| p.parse().ok()).expect("index");
                 (index, parts.next().expect("label").to_owned())
             })
             .collect();
-        let expected: Vec<(usize, String)> =
-            golden_top5(name).into_iter().map(|(i, _)| (i, labels[i].clone())).collect();
+        let expected: Vec<(usize, String)> = golden_top5(name)
+            .into_iter()
+            .map(|(i, _)| (i, labels[i].clone()))
+            .collect();
         assert_eq!(top5, expected, "{name}");
         assert_eq!(top5[0].0, top1);
         let logits = f32s(&resp.raw_output_contents[1]);
@@ -108,14 +142,23 @@ async fn a_batch_request_equals_single_requests_and_fp32_input_matches_uint8() {
     for (name, _) in PHOTOS {
         let pixels = golden_pixels(name);
         batch.extend_from_slice(&pixels);
-        let resp = client.model_infer(pixels_request(pixels, 1, vec![output("logits")])).await.expect("infer");
+        let resp = client
+            .model_infer(pixels_request(pixels, 1, vec![output("logits")]))
+            .await
+            .expect("infer");
         singles.extend(f32s(&resp.into_inner().raw_output_contents[0]));
     }
-    let resp = client.model_infer(pixels_request(batch, 4, vec![output("logits")])).await.expect("batch");
+    let resp = client
+        .model_infer(pixels_request(batch, 4, vec![output("logits")]))
+        .await
+        .expect("batch");
     let resp = resp.into_inner();
     assert_eq!(resp.outputs[0].shape, [4, 1000]);
     let batched = f32s(&resp.raw_output_contents[0]);
-    assert!(max_abs_diff(&batched, &singles) <= 5e-5, "batch differs from single requests");
+    assert!(
+        max_abs_diff(&batched, &singles) <= 5e-5,
+        "batch differs from single requests"
+    );
 
     // The same photo as a normalised FP32 tensor in typed contents.
     let req = ModelInferRequest {
@@ -134,8 +177,15 @@ async fn a_batch_request_equals_single_requests_and_fp32_input_matches_uint8() {
         outputs: vec![output("logits")],
         ..Default::default()
     };
-    let resp = client.model_infer(req).await.expect("fp32 infer").into_inner();
-    assert!(max_abs_diff(&f32s(&resp.raw_output_contents[0]), &singles[..1000]) <= 5e-5, "FP32 input differs from UINT8");
+    let resp = client
+        .model_infer(req)
+        .await
+        .expect("fp32 infer")
+        .into_inner();
+    assert!(
+        max_abs_diff(&f32s(&resp.raw_output_contents[0]), &singles[..1000]) <= 5e-5,
+        "FP32 input differs from UINT8"
+    );
     server.stop().await;
 }
 
@@ -147,26 +197,42 @@ async fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     let cases: Vec<(&str, ModelInferRequest, Code, &str)> = vec![
         (
             "unknown model",
-            ModelInferRequest { model_name: "resnet-9000".into(), ..pixels_request(one.clone(), 1, vec![]) },
+            ModelInferRequest {
+                model_name: "resnet-9000".into(),
+                ..pixels_request(one.clone(), 1, vec![])
+            },
             Code::NotFound,
             "resnet-9000",
         ),
         (
             "unknown version",
-            ModelInferRequest { model_version: "7".into(), ..pixels_request(one.clone(), 1, vec![]) },
+            ModelInferRequest {
+                model_version: "7".into(),
+                ..pixels_request(one.clone(), 1, vec![])
+            },
             Code::NotFound,
             "available: 1",
         ),
-        ("wrong shape", {
-            let mut r = pixels_request(one.clone(), 1, vec![]);
-            r.inputs[0].shape = vec![1, 3, 224, 224];
-            r
-        }, Code::InvalidArgument, "expected [N, 224, 224, 3]"),
-        ("wrong datatype", {
-            let mut r = pixels_request(one.clone(), 1, vec![]);
-            r.inputs[0].datatype = "FP16".into();
-            r
-        }, Code::InvalidArgument, "must be UINT8"),
+        (
+            "wrong shape",
+            {
+                let mut r = pixels_request(one.clone(), 1, vec![]);
+                r.inputs[0].shape = vec![1, 3, 224, 224];
+                r
+            },
+            Code::InvalidArgument,
+            "expected [N, 224, 224, 3]",
+        ),
+        (
+            "wrong datatype",
+            {
+                let mut r = pixels_request(one.clone(), 1, vec![]);
+                r.inputs[0].datatype = "FP16".into();
+                r
+            },
+            Code::InvalidArgument,
+            "must be UINT8",
+        ),
         (
             "truncated raw bytes",
             pixels_request(one[..1000].to_vec(), 1, vec![]),
@@ -179,27 +245,66 @@ async fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
             Code::InvalidArgument,
             "max_batch_size 4",
         ),
-        ("raw and typed contents mixed", {
-            let mut r = pixels_request(one.clone(), 1, vec![]);
-            r.inputs[0].contents = Some(InferTensorContents { uint_contents: vec![0; 3], ..Default::default() });
-            r
-        }, Code::InvalidArgument, "mutually exclusive"),
-        ("unknown output", pixels_request(one.clone(), 1, vec![output("embeddings")]), Code::InvalidArgument, "unknown output"),
-        ("classification k out of range", pixels_request(one.clone(), 1, vec![classification(0)]), Code::InvalidArgument, "from 1 to 1000"),
+        (
+            "raw and typed contents mixed",
+            {
+                let mut r = pixels_request(one.clone(), 1, vec![]);
+                r.inputs[0].contents = Some(InferTensorContents {
+                    uint_contents: vec![0; 3],
+                    ..Default::default()
+                });
+                r
+            },
+            Code::InvalidArgument,
+            "mutually exclusive",
+        ),
+        (
+            "unknown output",
+            pixels_request(one.clone(), 1, vec![output("embeddings")]),
+            Code::InvalidArgument,
+            "unknown output",
+        ),
+        (
+            "classification k out of range",
+            pixels_request(one.clone(), 1, vec![classification(0)]),
+            Code::InvalidArgument,
+            "from 1 to 1000",
+        ),
     ];
     for (what, req, code, text) in cases {
         let status = client.model_infer(req).await.expect_err(what);
         assert_eq!(status.code(), code, "{what}: {}", status.message());
-        assert!(status.message().contains(text), "{what}: message `{}` lacks `{text}`", status.message());
+        assert!(
+            status.message().contains(text),
+            "{what}: message `{}` lacks `{text}`",
+            status.message()
+        );
     }
     let status = client
-        .model_metadata(ModelMetadataRequest { name: "nope".into(), version: String::new() })
+        .model_metadata(ModelMetadataRequest {
+            name: "nope".into(),
+            version: String::new(),
+        })
         .await
         .expect_err("metadata of unknown model");
     assert_eq!(status.code(), Code::NotFound);
 
-    let resp = client.model_infer(pixels_request(golden_pixels("coffee"), 1, vec![output("logits")])).await;
-    assert_eq!(argmax(&f32s(&resp.expect("still serving").into_inner().raw_output_contents[0])), 967);
+    let resp = client
+        .model_infer(pixels_request(
+            golden_pixels("coffee"),
+            1,
+            vec![output("logits")],
+        ))
+        .await;
+    assert_eq!(
+        argmax(&f32s(
+            &resp
+                .expect("still serving")
+                .into_inner()
+                .raw_output_contents[0]
+        )),
+        967
+    );
     server.stop().await;
 }
 
@@ -208,38 +313,80 @@ async fn metadata_config_statistics_and_index_describe_the_model() {
     let server = TestServer::start(&[]).await;
     let mut client = server.client().await;
     let meta = client
-        .model_metadata(ModelMetadataRequest { name: MODEL.into(), version: String::new() })
+        .model_metadata(ModelMetadataRequest {
+            name: MODEL.into(),
+            version: String::new(),
+        })
         .await
         .expect("metadata")
         .into_inner();
     assert_eq!(meta.versions, ["1"]);
-    let inputs: Vec<_> = meta.inputs.iter().map(|t| (t.name.as_str(), t.datatype.as_str(), t.shape.clone())).collect();
-    assert_eq!(inputs, [("pixels", "UINT8", vec![-1, 224, 224, 3]), ("input", "FP32", vec![-1, 3, 224, 224])]);
-    let outputs: Vec<_> = meta.outputs.iter().map(|t| (t.name.as_str(), t.shape.clone())).collect();
-    assert_eq!(outputs, [("logits", vec![-1, 1000]), ("probabilities", vec![-1, 1000])]);
+    let inputs: Vec<_> = meta
+        .inputs
+        .iter()
+        .map(|t| (t.name.as_str(), t.datatype.as_str(), t.shape.clone()))
+        .collect();
+    assert_eq!(
+        inputs,
+        [
+            ("pixels", "UINT8", vec![-1, 224, 224, 3]),
+            ("input", "FP32", vec![-1, 3, 224, 224])
+        ]
+    );
+    let outputs: Vec<_> = meta
+        .outputs
+        .iter()
+        .map(|t| (t.name.as_str(), t.shape.clone()))
+        .collect();
+    assert_eq!(
+        outputs,
+        [
+            ("logits", vec![-1, 1000]),
+            ("probabilities", vec![-1, 1000])
+        ]
+    );
 
     let config = client
-        .model_config(ModelConfigRequest { name: MODEL.into(), version: "1".into() })
+        .model_config(ModelConfigRequest {
+            name: MODEL.into(),
+            version: "1".into(),
+        })
         .await
         .expect("config")
         .into_inner()
         .config
         .expect("config body");
-    assert_eq!((config.max_batch_size, config.input[0].dims.clone()), (8, vec![224, 224, 3]));
+    assert_eq!(
+        (config.max_batch_size, config.input[0].dims.clone()),
+        (8, vec![224, 224, 3])
+    );
 
-    let server_meta = client.server_metadata(ServerMetadataRequest {}).await.expect("server meta").into_inner();
+    let server_meta = client
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .expect("server meta")
+        .into_inner();
     assert!(server_meta.extensions.contains(&"statistics".to_owned()));
 
     let before = client
-        .model_statistics(ModelStatisticsRequest { name: MODEL.into(), version: String::new() })
+        .model_statistics(ModelStatisticsRequest {
+            name: MODEL.into(),
+            version: String::new(),
+        })
         .await
         .expect("stats")
         .into_inner()
         .model_stats[0]
         .inference_count;
-    client.model_infer(pixels_request(vec![0; 2 * 224 * 224 * 3], 2, vec![])).await.expect("infer");
+    client
+        .model_infer(pixels_request(vec![0; 2 * 224 * 224 * 3], 2, vec![]))
+        .await
+        .expect("infer");
     let stats = client
-        .model_statistics(ModelStatisticsRequest { name: MODEL.into(), version: "1".into() })
+        .model_statistics(ModelStatisticsRequest {
+            name: MODEL.into(),
+            version: "1".into(),
+        })
         .await
         .expect("stats")
         .into_inner()
@@ -248,18 +395,29 @@ async fn metadata_config_statistics_and_index_describe_the_model() {
     assert!(stats[0].batch_stats.iter().any(|b| b.batch_size == 2));
 
     let index = client
-        .repository_index(RepositoryIndexRequest { repository_name: String::new(), ready: true })
+        .repository_index(RepositoryIndexRequest {
+            repository_name: String::new(),
+            ready: true,
+        })
         .await
         .expect("index")
         .into_inner();
     assert_eq!(index.models.len(), 1);
-    assert_eq!((index.models[0].name.as_str(), index.models[0].state.as_str()), (MODEL, "READY"));
+    assert_eq!(
+        (
+            index.models[0].name.as_str(),
+            index.models[0].state.as_str()
+        ),
+        (MODEL, "READY")
+    );
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_serving_only_when_every_model_loaded() {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
 
     let server = TestServer::start(&[]).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
@@ -269,8 +427,17 @@ async fn health_is_serving_only_when_every_model_loaded() {
         .expect("connect");
     let mut health = HealthClient::new(channel);
     for service in ["", "inference.GRPCInferenceService"] {
-        let status = health.check(HealthCheckRequest { service: service.into() }).await.expect("health");
-        assert_eq!(status.into_inner().status(), ServingStatus::Serving, "service `{service}`");
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health");
+        assert_eq!(
+            status.into_inner().status(),
+            ServingStatus::Serving,
+            "service `{service}`"
+        );
     }
     server.stop().await;
 
@@ -279,7 +446,9 @@ async fn health_is_serving_only_when_every_model_loaded() {
     let repo = std::env::temp_dir().join(format!("broken-repo-{}", std::process::id()));
     let version = repo.join("broken/1");
     std::fs::create_dir_all(&version).expect("mkdir");
-    let config = std::fs::read_to_string(model_repository().join("efficientnet-lite0/1/config.json")).expect("cfg");
+    let config =
+        std::fs::read_to_string(model_repository().join("efficientnet-lite0/1/config.json"))
+            .expect("cfg");
     std::fs::write(version.join("config.json"), config).expect("write config");
     let server = TestServer::start_with(&repo, &[]).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
@@ -290,19 +459,40 @@ async fn health_is_serving_only_when_every_model_loaded() {
     let mut client = oip_proto::GrpcInferenceServiceClient::new(channel.clone());
     let mut state = String::new();
     for _ in 0..100 {
-        let index = client.repository_index(RepositoryIndexRequest::default()).await.expect("index").into_inner();
+        let index = client
+            .repository_index(RepositoryIndexRequest::default())
+            .await
+            .expect("index")
+            .into_inner();
         state = index.models[0].state.clone();
         if state == "UNAVAILABLE" {
-            assert!(index.models[0].reason.contains("model.safetensors"), "reason: {}", index.models[0].reason);
+            assert!(
+                index.models[0].reason.contains("model.safetensors"),
+                "reason: {}",
+                index.models[0].reason
+            );
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(state, "UNAVAILABLE");
-    let status = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await;
-    assert_eq!(status.expect("health").into_inner().status(), ServingStatus::NotServing);
-    let err = ModelInferRequest { model_name: "broken".into(), ..pixels_request(vec![0; 224 * 224 * 3], 1, vec![]) };
-    let status = client.model_infer(err).await.expect_err("broken model must not serve");
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    assert_eq!(
+        status.expect("health").into_inner().status(),
+        ServingStatus::NotServing
+    );
+    let err = ModelInferRequest {
+        model_name: "broken".into(),
+        ..pixels_request(vec![0; 224 * 224 * 3], 1, vec![])
+    };
+    let status = client
+        .model_infer(err)
+        .await
+        .expect_err("broken model must not serve");
     assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
     server.stop().await;
     let _ = std::fs::remove_dir_all(repo);
@@ -314,7 +504,10 @@ async fn a_full_queue_refuses_with_resource_exhausted_and_others_complete() {
     let client = server.client().await;
     let requests = (0..24).map(|_| {
         let mut c = client.clone();
-        tokio::spawn(async move { c.model_infer(pixels_request(vec![0; 8 * 224 * 224 * 3], 8, vec![])).await })
+        tokio::spawn(async move {
+            c.model_infer(pixels_request(vec![0; 8 * 224 * 224 * 3], 8, vec![]))
+                .await
+        })
     });
     let mut ok = 0;
     let mut exhausted = 0;
@@ -330,5 +523,48 @@ async fn a_full_queue_refuses_with_resource_exhausted_and_others_complete() {
     }
     assert!(ok >= 1 && exhausted >= 1, "ok {ok}, refused {exhausted}");
     assert_eq!(ok + exhausted, 24);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_inference_and_health_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let server = TestServer::start(&[]).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .expect("stream")
+        .expect("one response");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!(
+            "unexpected reflection response {:?}",
+            response.message_response
+        );
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in ["inference.GRPCInferenceService", "grpc.health.v1.Health"] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
     server.stop().await;
 }

@@ -25,7 +25,8 @@ fn python() -> PathBuf {
 async fn tritonclient_grpc_gets_metadata_logits_and_labels() {
     let python = python();
     let server = TestServer::start(&[]).await;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tritonclient_interop.py");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tritonclient_interop.py");
     let output = tokio::process::Command::new(python)
         .arg(script)
         .arg(server.addr.to_string())
@@ -36,7 +37,10 @@ async fn tritonclient_grpc_gets_metadata_logits_and_labels() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}{stderr}");
-    assert!(output.status.success(), "tritonclient script failed:\n{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "tritonclient script failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("tritonclient interop: ok"));
     server.stop().await;
 }

@@ -7,7 +7,12 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 /// The four golden photos and their expected top-1 ImageNet class.
-pub const PHOTOS: [(&str, usize); 4] = [("chelsea", 282), ("coffee", 967), ("rocket", 657), ("camera", 872)];
+pub const PHOTOS: [(&str, usize); 4] = [
+    ("chelsea", 282),
+    ("coffee", 967),
+    ("rocket", 657),
+    ("camera", 872),
+];
 
 /// Workspace root.
 pub fn workspace() -> PathBuf {
@@ -40,7 +45,12 @@ pub fn weights() -> PathBuf {
 
 /// A two-thread pool like the server's, so candle runs inside rayon.
 pub fn pool() -> Arc<rayon::ThreadPool> {
-    Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("thread pool"))
+    Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("thread pool"),
+    )
 }
 
 /// Golden logits `[1, 1000]` as a flat vector.
@@ -56,7 +66,9 @@ pub fn golden_pixels(name: &str) -> Vec<u8> {
     let t = Tensor::read_npy(golden(&format!("{name}.pixels.npy"))).expect("golden pixels");
     assert_eq!(t.dims(), [224, 224, 3]);
     assert_eq!(t.dtype(), DType::U8);
-    t.flatten_all().and_then(|t| t.to_vec1::<u8>()).expect("pixels")
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<u8>())
+        .expect("pixels")
 }
 
 /// The reference's synthetic input: SplitMix64 (seed 0) over the flat NCHW
@@ -77,18 +89,27 @@ pub fn splitmix_input() -> Vec<f32> {
 pub fn normalise(pixels: &[u8]) -> Vec<f32> {
     let t = Tensor::from_slice(pixels, (1, 224, 224, 3), &Device::Cpu).expect("tensor");
     let x = ((t.to_dtype(DType::F32).expect("f32") - 127.0).expect("sub") / 128.0).expect("div");
-    x.permute((0, 3, 1, 2)).and_then(|x| x.flatten_all()?.to_vec1()).expect("nchw")
+    x.permute((0, 3, 1, 2))
+        .and_then(|x| x.flatten_all()?.to_vec1())
+        .expect("nchw")
 }
 
 /// Largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Index of the largest value.
 pub fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).expect("non-empty")
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .expect("non-empty")
 }
 
 /// A model server running in-process on a loopback port chosen by the OS.
@@ -101,16 +122,28 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server on `repo` with extra command-line flags; does not wait for readiness.
     pub async fn start_with(repo: &Path, extra: &[&str]) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut args = vec!["model-server", "--model-repository", repo.to_str().expect("utf-8 path"), "--threads", "2"];
+        let mut args = vec![
+            "model-server",
+            "--model-repository",
+            repo.to_str().expect("utf-8 path"),
+            "--threads",
+            "2",
+        ];
         args.extend_from_slice(extra);
         let config = <model_server::Config as clap::Parser>::try_parse_from(args).expect("config");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(model_server::serve(config, listener, async {
             let _ = rx.await;
         }));
-        Self { addr, shutdown: Some(tx), task: Some(task) }
+        Self {
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
     }
 
     /// Starts a server on the default repository and waits until it is ready.
@@ -134,7 +167,9 @@ impl TestServer {
     pub async fn wait_ready(&self) {
         let mut client = self.client().await;
         for _ in 0..600 {
-            let ready = client.server_ready(oip_proto::inference::ServerReadyRequest {}).await;
+            let ready = client
+                .server_ready(oip_proto::inference::ServerReadyRequest {})
+                .await;
             if ready.map(|r| r.into_inner().ready).unwrap_or(false) {
                 return;
             }
@@ -149,7 +184,9 @@ impl TestServer {
             let _ = tx.send(());
         }
         if let Some(task) = self.task.take() {
-            task.await.expect("server task").expect("server exited with an error");
+            task.await
+                .expect("server task")
+                .expect("server exited with an error");
         }
     }
 }
