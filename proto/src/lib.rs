@@ -12,4 +12,6 @@ pub mod inference {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("inference_descriptor");
 
 pub use inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-pub use inference::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+pub use inference::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};

@@ -1,0 +1,187 @@
+//! Command-line and environment configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::fetch::AllowList;
+use crate::preprocess::Recipe;
+
+/// Gateway configuration: every flag can also be set through the environment variable named after it.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "HTTP gateway in front of an Open Inference Protocol model server"
+)]
+pub struct Config {
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// gRPC address of the model tier (Open Inference Protocol).
+    #[arg(long, env = "MODEL_SERVER", default_value = "http://localhost:8001")]
+    pub model_server: String,
+
+    /// Model used when a request names none.
+    #[arg(long, env = "DEFAULT_MODEL", default_value = "efficientnet-lite0")]
+    pub default_model: String,
+
+    /// Model version asked for; empty lets the model server choose.
+    #[arg(long, env = "MODEL_VERSION", default_value = "")]
+    pub model_version: String,
+
+    /// Number of predictions returned when a request does not say.
+    #[arg(long, env = "DEFAULT_TOP_K", default_value_t = 5)]
+    pub default_top_k: u32,
+
+    /// Deadline for one call to the model tier, in milliseconds.
+    #[arg(long, env = "INFERENCE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub inference_timeout_ms: u64,
+
+    /// How long model metadata (input name, size, datatype) is cached, in seconds.
+    #[arg(long, env = "METADATA_TTL_SECS", default_value_t = 60)]
+    pub metadata_ttl_secs: u64,
+
+    /// Preprocessing recipe for models without their own: `center-crop` (224/256 of the short side, then
+    /// bicubic resize), `center-crop:FRACTION`, or `resize` (whole image, aspect ratio not kept).
+    #[arg(long, env = "DEFAULT_RECIPE", default_value = "center-crop")]
+    pub default_recipe: Recipe,
+
+    /// Per-model recipes as `MODEL=RECIPE`, comma-separated (e.g. `mobilenet=resize`).
+    #[arg(long = "model-recipe", env = "MODEL_RECIPES", value_delimiter = ',', value_parser = parse_model_recipe)]
+    pub model_recipes: Vec<(String, Recipe)>,
+
+    /// Largest image accepted, in bytes, whether fetched, uploaded or sent as base64.
+    #[arg(long, env = "MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_image_bytes: usize,
+
+    /// Largest decoded image accepted, in pixels (width x height), checked from the header before decoding.
+    #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+
+    /// Images decoded and resized at once; the CPU work is bounded by this. 0 means one per CPU core.
+    #[arg(long, env = "MAX_CONCURRENT_IMAGES", default_value_t = 0)]
+    pub max_concurrent_images: usize,
+
+    /// Predict requests in flight before new ones are turned away with 429.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 256)]
+    pub max_in_flight: usize,
+
+    /// Timeout for connecting to an image URL, in milliseconds.
+    #[arg(long, env = "FETCH_CONNECT_TIMEOUT_MS", default_value_t = 3_000)]
+    pub fetch_connect_timeout_ms: u64,
+
+    /// Timeout for a whole image download, redirects included, in milliseconds.
+    #[arg(long, env = "FETCH_TIMEOUT_MS", default_value_t = 15_000)]
+    pub fetch_timeout_ms: u64,
+
+    /// Redirects followed when fetching an image URL; each target is checked again.
+    #[arg(long, env = "FETCH_MAX_REDIRECTS", default_value_t = 3)]
+    pub fetch_max_redirects: usize,
+
+    /// Hosts and networks image URLs may point to even though they are private, loopback or link-local:
+    /// comma-separated CIDRs (`10.1.0.0/16`), addresses, host names (`images.internal`) or suffixes
+    /// (`*.svc.cluster.local`). Empty by default: only public addresses are fetched.
+    #[arg(long, env = "FETCH_ALLOW", value_delimiter = ',', default_value = "")]
+    pub fetch_allow: Vec<String>,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+impl Config {
+    /// Checks the rules that span several fields and builds the parsed allow-list.
+    pub fn validate(&self) -> anyhow::Result<AllowList> {
+        anyhow::ensure!(self.default_top_k > 0, "--default-top-k must be at least 1");
+        anyhow::ensure!(self.max_in_flight > 0, "--max-in-flight must be at least 1");
+        anyhow::ensure!(
+            self.max_image_bytes > 0,
+            "--max-image-bytes must be at least 1"
+        );
+        anyhow::ensure!(
+            self.fetch_timeout_ms >= self.fetch_connect_timeout_ms,
+            "--fetch-timeout-ms must not be shorter than --fetch-connect-timeout-ms"
+        );
+        anyhow::ensure!(
+            matches!(self.log_format.as_str(), "text" | "json"),
+            "--log-format must be `text` or `json`"
+        );
+        AllowList::parse(self.fetch_allow.iter().map(String::as_str))
+    }
+
+    /// Recipe for `model`: its own if configured, else the default.
+    pub fn recipe_for(&self, model: &str) -> Recipe {
+        self.model_recipes
+            .iter()
+            .rev()
+            .find(|(name, _)| name == model)
+            .map_or(self.default_recipe, |(_, recipe)| *recipe)
+    }
+
+    /// Images processed at once, resolving 0 to the number of CPU cores.
+    pub fn concurrent_images(&self) -> usize {
+        if self.max_concurrent_images > 0 {
+            self.max_concurrent_images
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+
+    /// Model-tier call deadline.
+    pub fn inference_timeout(&self) -> Duration {
+        Duration::from_millis(self.inference_timeout_ms)
+    }
+}
+
+fn parse_model_recipe(s: &str) -> Result<(String, Recipe), String> {
+    let (model, recipe) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected MODEL=RECIPE, got `{s}`"))?;
+    Ok((model.trim().to_owned(), recipe.trim().parse()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_work_without_flags() {
+        let config = Config::try_parse_from(["gateway"]).unwrap();
+        assert_eq!(config.listen.port(), 8080);
+        assert_eq!(config.model_server, "http://localhost:8001");
+        assert_eq!(config.default_model, "efficientnet-lite0");
+        assert!(config.validate().unwrap().is_empty());
+        assert_eq!(
+            config.recipe_for("efficientnet-lite0"),
+            Recipe::CenterCrop { fraction: 0.875 }
+        );
+    }
+
+    #[test]
+    fn per_model_recipe_overrides_default() {
+        let config = Config::try_parse_from([
+            "gateway",
+            "--model-recipe",
+            "a=resize,b=center-crop:0.5",
+            "--fetch-allow",
+            "10.0.0.0/8,images.internal",
+        ])
+        .unwrap();
+        assert_eq!(config.recipe_for("a"), Recipe::Resize);
+        assert_eq!(config.recipe_for("b"), Recipe::CenterCrop { fraction: 0.5 });
+        assert_eq!(
+            config.recipe_for("c"),
+            Recipe::CenterCrop { fraction: 0.875 }
+        );
+        assert!(!config.validate().unwrap().is_empty());
+    }
+
+    #[test]
+    fn bad_model_recipe_is_rejected() {
+        assert!(Config::try_parse_from(["gateway", "--model-recipe", "a=sharpen"]).is_err());
+        assert!(Config::try_parse_from(["gateway", "--model-recipe", "resize"]).is_err());
+    }
+}

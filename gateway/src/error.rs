@@ -1,0 +1,156 @@
+//! The API error and its one status table.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::decode::DecodeError;
+use crate::fetch::FetchError;
+use crate::model_client::ModelError;
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not the JSON we expect.
+    #[error("request body is not valid JSON: {0}")]
+    BadJson(String),
+    /// The request is well-formed but says the wrong thing.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request body or image is over the size limit.
+    #[error("image is larger than the limit of {limit} bytes")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The image could not be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The image URL could not be fetched.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// The model tier failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Too many predictions in flight in this gateway.
+    #[error("the gateway is busy with {0} predictions; retry shortly")]
+    Overloaded(usize),
+    /// A bug or a lost worker thread.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// How loudly an error is logged: a client's mistake is not the operator's problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The client sent something wrong, or the URL it gave misbehaved.
+    Client,
+    /// Capacity or availability: worth a warning, not a page.
+    Capacity,
+    /// Something is broken on our side.
+    Server,
+}
+
+/// Carried in the response extensions so the request middleware can log the error once, in its span.
+#[derive(Debug, Clone)]
+pub struct LoggedError {
+    /// Stable error code.
+    pub code: &'static str,
+    /// Message sent to the client.
+    pub message: String,
+    /// How loudly to log it.
+    pub severity: Severity,
+}
+
+impl ApiError {
+    /// HTTP status, stable error code and log severity: the one table.
+    pub fn classify(&self) -> (StatusCode, &'static str, Severity) {
+        use Severity::*;
+        match self {
+            ApiError::BadJson(_) => (StatusCode::BAD_REQUEST, "bad_json", Client),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", Client),
+            ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large", Client),
+            ApiError::Decode(DecodeError::TooManyPixels { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large", Client)
+            }
+            ApiError::Decode(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_image", Client),
+            ApiError::Fetch(FetchError::InvalidUrl(_)) => {
+                (StatusCode::BAD_REQUEST, "invalid_url", Client)
+            }
+            ApiError::Fetch(FetchError::Refused(_)) => {
+                (StatusCode::FORBIDDEN, "url_refused", Client)
+            }
+            ApiError::Fetch(FetchError::TooLarge { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large", Client)
+            }
+            ApiError::Fetch(FetchError::Timeout) => {
+                (StatusCode::GATEWAY_TIMEOUT, "fetch_timeout", Client)
+            }
+            ApiError::Fetch(FetchError::Upstream(_)) => {
+                (StatusCode::BAD_GATEWAY, "fetch_failed", Client)
+            }
+            ApiError::Model(ModelError::NotFound(_)) => {
+                (StatusCode::NOT_FOUND, "model_not_found", Client)
+            }
+            ApiError::Model(ModelError::InvalidArgument(_)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", Client)
+            }
+            ApiError::Model(ModelError::Overloaded(_)) => {
+                (StatusCode::TOO_MANY_REQUESTS, "model_overloaded", Capacity)
+            }
+            ApiError::Model(ModelError::Unavailable(_)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "model_unavailable",
+                Capacity,
+            ),
+            ApiError::Model(ModelError::DeadlineExceeded(_)) => {
+                (StatusCode::GATEWAY_TIMEOUT, "model_timeout", Capacity)
+            }
+            ApiError::Model(ModelError::Unsupported(_)) => {
+                (StatusCode::BAD_GATEWAY, "model_unsupported", Server)
+            }
+            ApiError::Model(ModelError::Other(_)) => {
+                (StatusCode::BAD_GATEWAY, "model_error", Server)
+            }
+            ApiError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "overloaded", Capacity),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", Server),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, severity) = self.classify();
+        let message = self.to_string();
+        let body = json!({ "error": { "code": code, "message": message } });
+        let mut response = (status, Json(body)).into_response();
+        response.extensions_mut().insert(LoggedError {
+            code,
+            message,
+            severity,
+        });
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_errors_are_never_server_severity() {
+        let client_caused = [
+            ApiError::BadJson("x".into()),
+            ApiError::BadRequest("x".into()),
+            ApiError::TooLarge { limit: 1 },
+            ApiError::Decode(DecodeError::UnknownFormat),
+            ApiError::Fetch(FetchError::Timeout),
+            ApiError::Fetch(FetchError::Upstream("x".into())),
+            ApiError::Model(ModelError::NotFound("x".into())),
+        ];
+        for error in client_caused {
+            assert_eq!(error.classify().2, Severity::Client, "{error:?}");
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The HTTP gateway: turns "here is an image" into a prediction from an Open Inference Protocol model
+//! server. [`app`] builds the router for tests; [`run`] serves it.
+
+pub mod config;
+pub mod decode;
+pub mod error;
+pub mod fetch;
+pub mod metrics;
+pub mod model_client;
+pub mod page;
+pub mod predict;
+pub mod preprocess;
+pub mod routes;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+pub use config::Config;
+use fetch::{FetchLimits, Fetcher, Policy};
+use metrics::Metrics;
+use model_client::{ModelCatalog, ModelClient};
+
+/// Shared state of every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) config: Arc<Config>,
+    pub(crate) catalog: Arc<ModelCatalog>,
+    pub(crate) fetcher: Fetcher,
+    pub(crate) images: Arc<Semaphore>,
+    pub(crate) in_flight: Arc<Semaphore>,
+    pub(crate) metrics: Metrics,
+}
+
+impl AppState {
+    /// Checks `config` and builds the state around `model_client`.
+    pub fn new(config: Config, model_client: Arc<dyn ModelClient>) -> anyhow::Result<Self> {
+        let allow = config.validate()?;
+        let fetcher = Fetcher::new(
+            Policy::new(allow),
+            FetchLimits {
+                max_bytes: config.max_image_bytes,
+                max_redirects: config.fetch_max_redirects,
+                connect_timeout: Duration::from_millis(config.fetch_connect_timeout_ms),
+                total_timeout: Duration::from_millis(config.fetch_timeout_ms),
+            },
+        )?;
+        Ok(AppState {
+            catalog: Arc::new(ModelCatalog::new(
+                model_client,
+                Duration::from_secs(config.metadata_ttl_secs),
+            )),
+            fetcher,
+            images: Arc::new(Semaphore::new(config.concurrent_images())),
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+            metrics: Metrics::new()?,
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// The full router with its middleware.
+pub fn app(state: AppState) -> Router {
+    routes::router(&state)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            telemetry::observe,
+        ))
+        .with_state(state)
+}
+
+/// Serves the gateway on `listener` until `shutdown` completes, then finishes in-flight requests.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    model_client: Arc<dyn ModelClient>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = AppState::new(config, model_client)?;
+    tracing::info!(address = %listener.local_addr()?, "gateway listening");
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! One prediction: image bytes or URL in, classes and per-phase timings out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::AppState;
+use crate::decode::decode;
+use crate::error::ApiError;
+use crate::model_client::{ClassifyRequest, ModelSpec, Prediction};
+use crate::preprocess::preprocess;
+
+/// Where the image comes from.
+#[derive(Debug, Clone)]
+pub enum ImageSource {
+    /// Fetched by the gateway.
+    Url(String),
+    /// Sent in the request.
+    Bytes(Bytes),
+}
+
+/// A parsed predict request.
+#[derive(Debug, Clone)]
+pub struct PredictInput {
+    /// The image.
+    pub source: ImageSource,
+    /// Model name; the configured default when absent.
+    pub model: Option<String>,
+    /// Classes wanted; the configured default when absent.
+    pub top_k: Option<u32>,
+}
+
+/// The predict response body.
+#[derive(Debug, Clone, Serialize)]
+pub struct PredictResponse {
+    /// Model that answered.
+    pub model: ModelRef,
+    /// Highest probability first.
+    pub predictions: Vec<Prediction>,
+    /// Milliseconds per phase.
+    pub timings_ms: Timings,
+    /// The request id, also in the `x-request-id` header.
+    pub request_id: String,
+}
+
+/// Model name and version.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelRef {
+    /// Model name.
+    pub name: String,
+    /// Version that answered.
+    pub version: String,
+}
+
+/// Milliseconds spent per phase.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    /// Downloading the image (0 for uploads).
+    pub fetch: f64,
+    /// Decoding it.
+    pub decode: f64,
+    /// Cropping and resizing.
+    pub preprocess: f64,
+    /// The model-tier call.
+    pub inference: f64,
+    /// The whole request as the gateway saw it.
+    pub total: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 100.0
+}
+
+/// Runs the whole pipeline for one image.
+pub async fn predict(
+    state: &AppState,
+    input: PredictInput,
+    request_id: &str,
+) -> Result<PredictResponse, ApiError> {
+    let started = Instant::now();
+    let config = &state.config;
+    // Admission first: a full gateway answers 429 at once instead of queueing without bound.
+    let _admitted = state
+        .in_flight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Overloaded(config.max_in_flight))?;
+
+    let model = input
+        .model
+        .filter(|m| !m.trim().is_empty())
+        .unwrap_or_else(|| config.default_model.clone());
+    let spec = state.catalog.spec(&model, &config.model_version).await?;
+    let max_k = spec.classes.unwrap_or(u32::MAX);
+    let top_k = input.top_k.unwrap_or(config.default_top_k.min(max_k));
+    if top_k == 0 || top_k > max_k {
+        return Err(ApiError::BadRequest(format!(
+            "top_k must be between 1 and {max_k}, got {top_k}"
+        )));
+    }
+
+    let mut timings = Timings::default();
+    let bytes = match input.source {
+        ImageSource::Bytes(bytes) => bytes,
+        ImageSource::Url(url) => {
+            let t = Instant::now();
+            let bytes = state.fetcher.fetch(&url).await?;
+            state.metrics.phase("fetch", t.elapsed());
+            timings.fetch = ms(t.elapsed());
+            bytes
+        }
+    };
+
+    let (pixels, decode_time, preprocess_time) = prepare(state, bytes, spec.clone()).await?;
+    state.metrics.phase("decode", decode_time);
+    state.metrics.phase("preprocess", preprocess_time);
+    timings.decode = ms(decode_time);
+    timings.preprocess = ms(preprocess_time);
+
+    let t = Instant::now();
+    let classification = state
+        .catalog
+        .client()
+        .classify(ClassifyRequest {
+            spec,
+            pixels,
+            top_k,
+            request_id: request_id.to_owned(),
+        })
+        .await?;
+    state.metrics.phase("inference", t.elapsed());
+    timings.inference = ms(t.elapsed());
+    timings.total = ms(started.elapsed());
+
+    Ok(PredictResponse {
+        model: ModelRef {
+            name: classification.model,
+            version: classification.version,
+        },
+        predictions: classification.predictions,
+        timings_ms: timings,
+        request_id: request_id.to_owned(),
+    })
+}
+
+/// Decodes and preprocesses on the blocking pool, at most `max_concurrent_images` at a time, so big
+/// images neither stall the async workers nor use unbounded memory.
+async fn prepare(
+    state: &AppState,
+    bytes: Bytes,
+    spec: Arc<ModelSpec>,
+) -> Result<(Vec<u8>, Duration, Duration), ApiError> {
+    let permit = state
+        .images
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::Internal("image workers shut down".into()))?;
+    let max_pixels = state.config.max_image_pixels;
+    let recipe = state.config.recipe_for(&spec.name);
+    let gauge = state.metrics.images_in_flight().clone();
+    gauge.inc();
+    let result = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let t = Instant::now();
+        let image = decode(&bytes, max_pixels)?;
+        let decode_time = t.elapsed();
+        let t = Instant::now();
+        let pixels = preprocess(&image, recipe, spec.height, spec.width)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok::<_, ApiError>((pixels, decode_time, t.elapsed()))
+    })
+    .await;
+    gauge.dec();
+    result.map_err(|e| ApiError::Internal(format!("image worker failed: {e}")))?
+}

@@ -1,0 +1,169 @@
+//! Headless Chromium opens the upload page, uploads a photo, and the page shows the expected label.
+//! Needs Debian's `chromium` and `chromium-driver` packages; a screenshot is saved under
+//! `target/test-artifacts/`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::stack::*;
+use common::*;
+use fantoccini::{ClientBuilder, Locator};
+use serde_json::json;
+
+/// chromedriver on a free port, killed when dropped.
+struct ChromeDriver {
+    child: Child,
+    url: String,
+}
+
+impl ChromeDriver {
+    fn start() -> ChromeDriver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start chromedriver ({e}): install Debian's chromium and chromium-driver"
+                )
+            });
+        ChromeDriver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn artifacts_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_upload_shows_the_label() {
+    let model_server = ModelServer::start("127.0.0.1:0".parse().unwrap()).await;
+    let gateway = Gateway::start(model_server.addr).await;
+    wait_for_readyz(&http_client(), &gateway.url, 200, Duration::from_secs(300)).await;
+
+    let driver = ChromeDriver::start();
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".into(),
+        json!({ "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,900"] }),
+    );
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    let started = Instant::now();
+    let browser = loop {
+        match ClientBuilder::new(connector.clone())
+            .capabilities(capabilities.clone())
+            .connect(&driver.url)
+            .await
+        {
+            Ok(browser) => break browser,
+            // chromedriver takes a moment to listen.
+            Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("no WebDriver session from chromedriver: {e}"),
+        }
+    };
+
+    browser.goto(&format!("{}/", gateway.url)).await.unwrap();
+    assert_eq!(browser.title().await.unwrap(), "Image classifier");
+    let photo = golden_path("chelsea.png").canonicalize().unwrap();
+    browser
+        .find(Locator::Id("file"))
+        .await
+        .unwrap()
+        .send_keys(photo.to_str().unwrap())
+        .await
+        .unwrap();
+
+    let first_label = browser
+        .wait()
+        .at_most(Duration::from_secs(120))
+        .for_element(Locator::Css("#predictions li:first-child .label"))
+        .await
+        .unwrap();
+    let label = first_label.text().await.unwrap();
+    let predictions = browser
+        .find_all(Locator::Css("#predictions li"))
+        .await
+        .unwrap()
+        .len();
+    let timings = browser
+        .find(Locator::Id("timings"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let screenshot = browser.screenshot().await.unwrap();
+    let path = artifacts_dir().join("gateway-browser-upload.png");
+    std::fs::write(&path, screenshot).unwrap();
+    println!("screenshot: {}", path.display());
+
+    assert_eq!(label, "tiger cat");
+    assert_eq!(predictions, 5);
+    assert!(timings.contains("inference"), "{timings}");
+
+    // An error is shown in words: a URL the gateway refuses to fetch.
+    browser
+        .find(Locator::Id("url"))
+        .await
+        .unwrap()
+        .send_keys("http://169.254.169.254/latest/")
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Id("url-button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let error = browser
+        .wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Css("#error:not([hidden])"))
+        .await
+        .unwrap();
+    let message = error.text().await.unwrap();
+    std::fs::write(
+        artifacts_dir().join("gateway-browser-error.png"),
+        browser.screenshot().await.unwrap(),
+    )
+    .unwrap();
+    assert!(message.contains("cannot be fetched"), "{message}");
+    let stale = browser
+        .find(Locator::Id("result"))
+        .await
+        .unwrap()
+        .is_displayed()
+        .await
+        .unwrap();
+    assert!(
+        !stale,
+        "the previous image's results are still shown next to the error"
+    );
+
+    browser.close().await.unwrap();
+    model_server.stop().await;
+}

@@ -1,0 +1,180 @@
+//! The real thing on loopback: a model server from the workspace's model repository, a gateway in front
+//! of it, and a small HTTP server holding the golden photos.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::Path;
+use axum::http::StatusCode;
+use axum::routing::get;
+use gateway::model_client::GrpcModelClient;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The photos, their golden top-1 class and its label.
+pub const PHOTOS: [(&str, i64, &str); 4] = [
+    ("chelsea", 282, "tiger cat"),
+    ("coffee", 967, "espresso"),
+    ("rocket", 657, "missile"),
+    ("camera", 872, "tripod"),
+];
+
+/// `MODEL_REPOSITORY`, or `model-repository` at the workspace root; fails loudly when absent, so a
+/// missing repository never makes these tests pass by skipping.
+pub fn model_repository() -> PathBuf {
+    let path = std::env::var_os("MODEL_REPOSITORY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model-repository"));
+    assert!(
+        path.is_dir(),
+        "model repository {} not found: run scripts/setup-model-repository.sh first (or set MODEL_REPOSITORY)",
+        path.display()
+    );
+    path
+}
+
+/// A model server running in this process until stopped.
+pub struct ModelServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl ModelServer {
+    /// Starts on `addr` (`127.0.0.1:0` for any free port).
+    pub async fn start(addr: SocketAddr) -> ModelServer {
+        let repository = model_repository();
+        let config = <model_server::Config as clap::Parser>::try_parse_from([
+            "model-server".as_ref(),
+            "--model-repository".as_ref(),
+            repository.as_os_str(),
+        ])
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(model_server::serve(config, listener, async {
+            let _ = stopped.await;
+        }));
+        ModelServer {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Stops it and waits until it has let go of its port.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match tokio::time::timeout(Duration::from_secs(30), &mut self.task).await {
+            Ok(result) => result.unwrap().unwrap(),
+            Err(_) => {
+                self.task.abort();
+                let _ = self.task.await;
+            }
+        }
+    }
+}
+
+/// A gateway running in this process.
+pub struct Gateway {
+    pub url: String,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Gateway {
+    /// Starts a gateway in front of `model_server`, allowed to fetch from loopback.
+    pub async fn start(model_server: SocketAddr) -> Gateway {
+        let model_url = format!("http://{model_server}");
+        // Generous deadlines: the model server of a debug test build is far slower than a release one.
+        let flags = [
+            "--model-server",
+            &model_url,
+            "--fetch-allow",
+            "127.0.0.1",
+            "--inference-timeout-ms",
+            "120000",
+        ];
+        let config = super::config(&flags);
+        let client =
+            GrpcModelClient::connect_lazy(&config.model_server, config.inference_timeout())
+                .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(gateway::run(config, listener, Arc::new(client), async {
+            let _ = stopped.await;
+        }));
+        Gateway {
+            url,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Serves `GET /<name>.png` from the golden photos; returns its base URL.
+pub async fn photo_server() -> String {
+    let router = Router::new().route(
+        "/{file}",
+        get(|Path(file): Path<String>| async move {
+            let name = file.strip_suffix(".png").unwrap_or(&file).to_owned();
+            match PHOTOS.iter().find(|(n, ..)| *n == name) {
+                Some(_) => Ok(super::golden_png(&name)),
+                None => Err(StatusCode::NOT_FOUND),
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    url
+}
+
+/// An HTTP client for talking to the gateway in tests.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap()
+}
+
+/// Polls `GET {gateway}/readyz` until it answers `status`, or panics after `within`.
+pub async fn wait_for_readyz(
+    client: &reqwest::Client,
+    gateway: &str,
+    status: u16,
+    within: Duration,
+) {
+    let started = Instant::now();
+    let mut last = None;
+    while started.elapsed() < within {
+        match client.get(format!("{gateway}/readyz")).send().await {
+            Ok(response) if response.status().as_u16() == status => return,
+            Ok(response) => {
+                last = Some(format!(
+                    "{}: {}",
+                    response.status(),
+                    response.text().await.unwrap_or_default()
+                ))
+            }
+            Err(e) => last = Some(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("/readyz did not answer {status} within {within:?}; last answer: {last:?}");
+}
