@@ -420,11 +420,7 @@ async fn health_is_serving_only_when_every_model_loaded() {
     };
 
     let server = TestServer::start(&[]).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = server.channel().await;
     let mut health = HealthClient::new(channel);
     for service in ["", "inference.GRPCInferenceService"] {
         let status = health
@@ -451,11 +447,7 @@ async fn health_is_serving_only_when_every_model_loaded() {
             .expect("cfg");
     std::fs::write(version.join("config.json"), config).expect("write config");
     let server = TestServer::start_with(&repo, &[]).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = server.channel().await;
     let mut client = oip_proto::GrpcInferenceServiceClient::new(channel.clone());
     let mut state = String::new();
     for _ in 0..100 {
@@ -534,11 +526,7 @@ async fn reflection_lists_the_inference_and_health_services() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
     let server = TestServer::start(&[]).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = server.channel().await;
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),

@@ -153,14 +153,19 @@ impl TestServer {
         server
     }
 
-    /// A client of the inference service.
-    pub async fn client(&self) -> oip_proto::GrpcInferenceServiceClient<tonic::transport::Channel> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+    /// A connected channel to the server.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
             .expect("endpoint")
             .connect()
             .await
-            .expect("connect");
-        oip_proto::GrpcInferenceServiceClient::new(channel).max_decoding_message_size(64 << 20)
+            .expect("connect")
+    }
+
+    /// A client of the inference service.
+    pub async fn client(&self) -> oip_proto::GrpcInferenceServiceClient<tonic::transport::Channel> {
+        oip_proto::GrpcInferenceServiceClient::new(self.channel().await)
+            .max_decoding_message_size(64 << 20)
     }
 
     /// Polls ServerReady until true, for at most a minute.
