@@ -25,6 +25,11 @@ async fn answer(response: reqwest::Response) -> Value {
     body
 }
 
+/// `GET /test`: the gateway's bundled sample image.
+async fn get_test(client: &reqwest::Client, gateway: &str) -> Value {
+    answer(client.get(format!("{gateway}/test")).send().await.unwrap()).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_photos_by_url_base64_and_upload() {
     let model_server = ModelServer::start("127.0.0.1:0".parse().unwrap()).await;
@@ -86,14 +91,7 @@ async fn golden_photos_by_url_base64_and_upload() {
         assert_eq!(body["model"]["name"], "efficientnet-lite0");
     }
 
-    let body = answer(
-        client
-            .get(format!("{}/test", gateway.url))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let body = get_test(&client, &gateway.url).await;
     assert_eq!(top1(&body), (967, "espresso".to_owned()), "/test: {body}");
 
     // Unknown model: the model server's NOT_FOUND becomes 404.
@@ -143,14 +141,7 @@ async fn readyz_follows_the_model_server() {
 
     let model_server = ModelServer::start(addr).await;
     wait_for_readyz(&client, &gateway.url, 200, Duration::from_secs(300)).await;
-    let body = answer(
-        client
-            .get(format!("{}/test", gateway.url))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let body = get_test(&client, &gateway.url).await;
     assert_eq!(top1(&body).0, 967);
     model_server.stop().await;
 }
