@@ -53,10 +53,10 @@ pub struct Parsed {
 }
 
 /// Checks the inputs and requested outputs of a ModelInfer request against
-/// the model and turns them into a batcher request. Raw input bytes are
-/// moved out of `raw`, not copied.
+/// the model and turns them into a batcher request. Raw bytes and typed FP32
+/// values are moved out of the request, not copied.
 pub fn parse(
-    inputs: &[InferInputTensor],
+    inputs: &mut [InferInputTensor],
     raw: Vec<Vec<u8>>,
     outputs: &[InferRequestedOutputTensor],
     config: &VersionConfig,
@@ -73,11 +73,10 @@ pub fn parse(
     let raw = if raw.is_empty() {
         None
     } else {
-        if raw.len() != inputs.len() {
+        if raw.len() != 1 {
             return Err(invalid(format!(
-                "raw_input_contents has {} entries for {} inputs; give one per input",
-                raw.len(),
-                inputs.len()
+                "raw_input_contents has {} entries for 1 input; give one per input",
+                raw.len()
             )));
         }
         if input.contents.is_some() {
@@ -142,8 +141,8 @@ pub fn parse(
         (_, None) => {
             let values = input
                 .contents
-                .as_ref()
-                .map(|c| c.fp32_contents.clone())
+                .as_mut()
+                .map(|c| std::mem::take(&mut c.fp32_contents))
                 .unwrap_or_default();
             check_count(&input.name, "fp32_contents", values.len(), count)?;
             Images::Normalised(check_finite(values)?)
@@ -414,7 +413,7 @@ mod tests {
     #[test]
     fn raw_pixels_are_accepted_and_moved() {
         let p = parse(
-            &[input(PIXELS, "UINT8", &[2, 2, 3, 3])],
+            &mut [input(PIXELS, "UINT8", &[2, 2, 3, 3])],
             vec![vec![7; 36]],
             &[],
             &config(),
@@ -433,62 +432,50 @@ mod tests {
             fp32_contents: vec![0.5; 18],
             ..Default::default()
         });
-        let p = parse(&[t], vec![], &[], &config(), 4).unwrap();
+        let p = parse(&mut [t], vec![], &[], &config(), 4).unwrap();
         assert!(matches!(p.request.images, Images::Normalised(ref v) if v.len() == 18));
     }
 
     #[test]
     fn wrong_inputs_say_what_was_expected() {
-        let c = config();
-        let m = err(parse(
-            &[input(PIXELS, "FP32", &[1, 2, 3, 3])],
-            vec![vec![0; 72]],
-            &[],
-            &c,
-            4,
-        ));
-        assert!(m.contains("must be UINT8"), "{m}");
-        let m = err(parse(
-            &[input(PIXELS, "UINT8", &[1, 3, 2, 3])],
-            vec![vec![0; 18]],
-            &[],
-            &c,
-            4,
-        ));
-        assert!(m.contains("expected [N, 2, 3, 3]"), "{m}");
-        let m = err(parse(
-            &[input(PIXELS, "UINT8", &[1, 2, 3, 3])],
-            vec![vec![0; 17]],
-            &[],
-            &c,
-            4,
-        ));
-        assert!(m.contains("17 bytes") && m.contains("18 bytes"), "{m}");
-        let m = err(parse(
-            &[input(PIXELS, "UINT8", &[5, 2, 3, 3])],
-            vec![vec![0; 90]],
-            &[],
-            &c,
-            4,
-        ));
-        assert!(m.contains("max_batch_size 4"), "{m}");
-        let m = err(parse(
-            &[input(PIXELS, "UINT8", &[0, 2, 3, 3])],
-            vec![vec![]],
-            &[],
-            &c,
-            4,
-        ));
-        assert!(m.contains("at least 1"), "{m}");
-        let m = err(parse(
-            &[input("x", "UINT8", &[1, 2, 3, 3])],
-            vec![vec![0; 18]],
-            &[],
-            &c,
-            4,
-        ));
-        assert!(m.contains("unknown input `x`"), "{m}");
-        let m = err(parse(&[], vec![], &[], &c, 4));
+        // name, datatype, shape, raw byte count, phrases the message must contain
+        type Case = (
+            &'static str,
+            &'static str,
+            [i64; 4],
+            usize,
+            &'static [&'static str],
+        );
+        let cases: [Case; 6] = [
+            (PIXELS, "FP32", [1, 2, 3, 3], 72, &["must be UINT8"]),
+            (
+                PIXELS,
+                "UINT8",
+                [1, 3, 2, 3],
+                18,
+                &["expected [N, 2, 3, 3]"],
+            ),
+            (PIXELS, "UINT8", [1, 2, 3, 3], 17, &["17 bytes", "18 bytes"]),
+            (PIXELS, "UINT8", [5, 2, 3, 3], 90, &["max_batch_size 4"]),
+            (PIXELS, "UINT8", [0, 2, 3, 3], 0, &["at least 1"]),
+            ("x", "UINT8", [1, 2, 3, 3], 18, &["unknown input `x`"]),
+        ];
+        for (name, dtype, shape, bytes, expected) in cases {
+            let m = err(parse(
+                &mut [input(name, dtype, &shape)],
+                vec![vec![0; bytes]],
+                &[],
+                &config(),
+                4,
+            ));
+            for text in expected {
+                assert!(
+                    m.contains(text),
+                    "{name} {dtype} {shape:?}: `{m}` lacks `{text}`"
+                );
+            }
+        }
+        let m = err(parse(&mut [], vec![], &[], &config(), 4));
         assert!(m.contains("exactly one input"), "{m}");
     }
 
@@ -499,7 +486,7 @@ mod tests {
             uint_contents: vec![0; 18],
             ..Default::default()
         });
-        let m = err(parse(&[t], vec![vec![0; 18]], &[], &config(), 4));
+        let m = err(parse(&mut [t], vec![vec![0; 18]], &[], &config(), 4));
         assert!(m.contains("mutually exclusive"), "{m}");
     }
 
@@ -512,7 +499,7 @@ mod tests {
             uint_contents: values,
             ..Default::default()
         });
-        assert!(err(parse(&[t], vec![], &[], &config(), 4)).contains("above 255"));
+        assert!(err(parse(&mut [t], vec![], &[], &config(), 4)).contains("above 255"));
     }
 
     #[test]
@@ -522,7 +509,7 @@ mod tests {
             parameters: [(CLASSIFICATION.to_owned(), int64_param(k))].into(),
         };
         let t = || input(PIXELS, "UINT8", &[1, 2, 3, 3]);
-        let p = parse(&[t()], vec![vec![0; 18]], &[out(2)], &config(), 4).unwrap();
+        let p = parse(&mut [t()], vec![vec![0; 18]], &[out(2)], &config(), 4).unwrap();
         assert_eq!(
             p.outputs,
             [OutputSpec {
@@ -531,7 +518,13 @@ mod tests {
             }]
         );
         for k in [0, 5, -1] {
-            let m = err(parse(&[t()], vec![vec![0; 18]], &[out(k)], &config(), 4));
+            let m = err(parse(
+                &mut [t()],
+                vec![vec![0; 18]],
+                &[out(k)],
+                &config(),
+                4,
+            ));
             assert!(m.contains("from 1 to 4"), "{m}");
         }
     }

@@ -203,7 +203,7 @@ impl GrpcInferenceService for InferenceService {
         let loaded = slot.ready()?;
         let raw = std::mem::take(&mut r.raw_input_contents);
         let parsed = codec::parse(
-            &r.inputs,
+            &mut r.inputs,
             raw,
             &r.outputs,
             slot.config()?,

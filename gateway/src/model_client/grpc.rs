@@ -423,29 +423,31 @@ mod tests {
 
     #[test]
     fn statuses_map_to_the_table() {
-        assert!(matches!(
-            from_status(&Status::not_found("x")),
-            ModelError::NotFound(_)
-        ));
-        assert!(matches!(
-            from_status(&Status::invalid_argument("x")),
-            ModelError::InvalidArgument(_)
-        ));
-        assert!(matches!(
-            from_status(&Status::resource_exhausted("x")),
-            ModelError::Overloaded(_)
-        ));
-        assert!(matches!(
-            from_status(&Status::unavailable("x")),
-            ModelError::Unavailable(_)
-        ));
-        assert!(matches!(
-            from_status(&Status::deadline_exceeded("x")),
-            ModelError::DeadlineExceeded(_)
-        ));
-        assert!(matches!(
-            from_status(&Status::internal("x")),
-            ModelError::Other(_)
-        ));
+        type IsExpected = fn(&ModelError) -> bool;
+        let cases: [(Status, IsExpected); 6] = [
+            (Status::not_found("x"), |e| {
+                matches!(e, ModelError::NotFound(_))
+            }),
+            (Status::invalid_argument("x"), |e| {
+                matches!(e, ModelError::InvalidArgument(_))
+            }),
+            (Status::resource_exhausted("x"), |e| {
+                matches!(e, ModelError::Overloaded(_))
+            }),
+            (Status::unavailable("x"), |e| {
+                matches!(e, ModelError::Unavailable(_))
+            }),
+            (Status::deadline_exceeded("x"), |e| {
+                matches!(e, ModelError::DeadlineExceeded(_))
+            }),
+            (Status::internal("x"), |e| matches!(e, ModelError::Other(_))),
+        ];
+        for (status, expected) in cases {
+            assert!(
+                expected(&from_status(&status)),
+                "{:?} mapped wrongly",
+                status.code()
+            );
+        }
     }
 }
