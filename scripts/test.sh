@@ -4,6 +4,9 @@
 # the model repository, then runs `cargo test` for the workspace.
 #
 #   scripts/test.sh [extra cargo test arguments]
+#
+# Then, outside cargo: the Kubernetes manifests checked offline (needs kubectl for `kubectl kustomize`), and the
+# containers end to end with docker compose where a Docker engine answers.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,12 +26,13 @@ if ((${#need_apt[@]})); then
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-# Python: tritonclient[grpc] is the third-party client of the interop test.
-if ! .venv/bin/python -c 'import tritonclient.grpc, numpy' >/dev/null 2>&1; then
-    say "creating .venv with tritonclient[grpc] and numpy"
+# Python: tritonclient[grpc] is the third-party client of the interop test; kubernetes-validate and PyYAML check
+# the Kubernetes manifests. pip returns at once when the pinned versions are already there.
+if [[ ! -x .venv/bin/python ]]; then
+    say "creating .venv"
     python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
 fi
+.venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
 
 # The model repository, built with the same profile as the tests so that
 # CI compiles the workspace once.
@@ -37,3 +41,18 @@ SETUP_CARGO_PROFILE=dev scripts/setup-model-repository.sh
 export OIP_PYTHON="$root/.venv/bin/python"
 say "running cargo test"
 cargo test --workspace --locked "$@"
+
+if command -v kubectl >/dev/null 2>&1; then
+    say "checking the Kubernetes manifests"
+    .venv/bin/python scripts/check-k8s.py
+else
+    say "kubectl not found: skipped the Kubernetes manifest checks (scripts/check-k8s.py)"
+fi
+
+if docker info >/dev/null 2>&1; then
+    # dev: the binaries cargo test just built, so CI compiles the workspace once.
+    say "running the containers end to end"
+    IMAGE_PROFILE=dev scripts/compose-test.sh
+else
+    say "no Docker engine answers: skipped the containers end to end (scripts/compose-test.sh)"
+fi

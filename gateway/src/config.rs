@@ -20,9 +20,40 @@ pub struct Config {
     #[arg(long, env = "LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
-    /// gRPC address of the model tier (Open Inference Protocol).
+    /// gRPC address of the model tier (Open Inference Protocol): `http://host:port`, or several,
+    /// comma-separated. Each name is resolved again every discovery interval and every address it
+    /// resolves to (one per replica behind a headless Service or a scaled compose service) gets its
+    /// own connection.
     #[arg(long, env = "MODEL_SERVER", default_value = "http://localhost:8001")]
     pub model_server: String,
+
+    /// How often the model-server names are resolved again, in milliseconds: new replicas get traffic
+    /// within one interval, removed ones are drained.
+    #[arg(long, env = "DISCOVERY_INTERVAL_MS", default_value_t = 5_000)]
+    pub discovery_interval_ms: u64,
+
+    /// Attempts per model-tier call, the first included. A call that failed with UNAVAILABLE or a lost
+    /// connection is tried again on another replica, within the same deadline.
+    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+
+    /// Retries allowed, as a percentage of model-tier calls over the last 10 seconds (plus 5 per second).
+    #[arg(long, env = "RETRY_BUDGET_PERCENT", default_value_t = 20.0)]
+    pub retry_budget_percent: f32,
+
+    /// Consecutive connection failures or UNAVAILABLE answers after which a replica gets no traffic
+    /// for the cool-down.
+    #[arg(long, env = "EJECT_AFTER_FAILURES", default_value_t = 3)]
+    pub eject_after_failures: u32,
+
+    /// How long an ejected replica gets no traffic, in milliseconds.
+    #[arg(long, env = "EJECT_COOL_DOWN_MS", default_value_t = 10_000)]
+    pub eject_cool_down_ms: u64,
+
+    /// After SIGTERM, how long requests in flight may take to finish before the gateway exits anyway,
+    /// in seconds.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    pub shutdown_grace_secs: u64,
 
     /// Model used when a request names none.
     #[arg(long, env = "DEFAULT_MODEL", default_value = "efficientnet-lite0")]
@@ -97,6 +128,22 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<AllowList> {
         anyhow::ensure!(self.default_top_k > 0, "--default-top-k must be at least 1");
         anyhow::ensure!(self.max_in_flight > 0, "--max-in-flight must be at least 1");
+        anyhow::ensure!(self.max_attempts > 0, "--max-attempts must be at least 1");
+        anyhow::ensure!(
+            self.discovery_interval_ms > 0,
+            "--discovery-interval-ms must be at least 1"
+        );
+        anyhow::ensure!(
+            (0.0..=100.0).contains(&self.retry_budget_percent),
+            "--retry-budget-percent must be between 0 and 100"
+        );
+        anyhow::ensure!(
+            self.eject_after_failures > 0,
+            "--eject-after-failures must be at least 1"
+        );
+        if let Err(e) = crate::model_client::Target::parse_list(&self.model_server) {
+            anyhow::bail!("--model-server: {e}");
+        }
         anyhow::ensure!(
             self.max_image_bytes > 0,
             "--max-image-bytes must be at least 1"
@@ -128,6 +175,11 @@ impl Config {
         } else {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         }
+    }
+
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
     }
 
     /// Model-tier call deadline.

@@ -1,13 +1,16 @@
 //! The API error and its one status table.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::decode::DecodeError;
 use crate::fetch::FetchError;
 use crate::model_client::ModelError;
+
+/// Seconds a client told 429 should wait before trying again.
+pub const RETRY_AFTER_SECS: u32 = 1;
 
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +128,12 @@ impl IntoResponse for ApiError {
         let message = self.to_string();
         let body = json!({ "error": { "code": code, "message": message } });
         let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // Shedding is meant to be brief: tell well-behaved clients when to come back.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
         response.extensions_mut().insert(LoggedError {
             code,
             message,

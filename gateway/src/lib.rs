@@ -13,8 +13,9 @@ pub mod preprocess;
 pub mod routes;
 pub mod telemetry;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -35,6 +36,7 @@ pub struct AppState {
     pub(crate) images: Arc<Semaphore>,
     pub(crate) in_flight: Arc<Semaphore>,
     pub(crate) metrics: Metrics,
+    pub(crate) draining: Arc<AtomicBool>,
 }
 
 impl AppState {
@@ -59,6 +61,7 @@ impl AppState {
             images: Arc::new(Semaphore::new(config.concurrent_images())),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             metrics: Metrics::new()?,
+            draining: Arc::new(AtomicBool::new(false)),
             config: Arc::new(config),
         })
     }
@@ -74,17 +77,41 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves the gateway on `listener` until `shutdown` completes, then finishes in-flight requests.
+/// Serves the gateway on `listener` until `shutdown` completes. Then readiness turns false, no new
+/// connection or request is taken, and requests in flight get `--shutdown-grace-secs` to finish.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     model_client: Arc<dyn ModelClient>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let grace = config.shutdown_grace();
     let state = AppState::new(config, model_client)?;
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let (began, draining) = tokio::sync::oneshot::channel::<()>();
+    let flag = state.draining.clone();
+    let serve = axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            flag.store(true, Ordering::SeqCst);
+            tracing::info!(
+                grace_secs = grace.as_secs(),
+                "shutting down: finishing requests in flight"
+            );
+            let _ = began.send(());
+        })
+        .into_future();
+    tokio::pin!(serve);
+    tokio::select! {
+        result = &mut serve => return Ok(result?),
+        _ = draining => {}
+    }
+    match tokio::time::timeout(grace, serve).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "grace period over with requests still in flight; exiting"
+        ),
+    }
     Ok(())
 }

@@ -1,6 +1,9 @@
 //! The seam to the model tier: what the gateway needs from it, and a metadata cache in front of it.
 
+pub mod discovery;
 pub mod grpc;
+pub mod pool;
+pub mod retry;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,7 +12,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::Serialize;
 
-pub use grpc::GrpcModelClient;
+pub use discovery::{Resolve, SystemResolver, Target};
+pub use grpc::{ClientOptions, GrpcModelClient};
 
 /// What the gateway must know about a model to feed it.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Serialize;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::AppState;
 use crate::decode::decode;
@@ -73,7 +74,17 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 100.0
 }
 
-/// Runs the whole pipeline for one image.
+/// Takes one of the `--max-in-flight` places, or refuses at once: a full gateway answers 429 rather than
+/// queueing without bound. Called before the body is read, so refused requests cost no memory.
+pub fn admit(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    state
+        .in_flight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Overloaded(state.config.max_in_flight))
+}
+
+/// Runs the whole pipeline for one image; the caller holds its place from [`admit`].
 pub async fn predict(
     state: &AppState,
     input: PredictInput,
@@ -81,12 +92,6 @@ pub async fn predict(
 ) -> Result<PredictResponse, ApiError> {
     let started = Instant::now();
     let config = &state.config;
-    // Admission first: a full gateway answers 429 at once instead of queueing without bound.
-    let _admitted = state
-        .in_flight
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::Overloaded(config.max_in_flight))?;
 
     let model = input
         .model

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::AppState;
 use crate::error::ApiError;
 use crate::page;
-use crate::predict::{ImageSource, PredictInput, predict};
+use crate::predict::{ImageSource, PredictInput, admit, predict};
 use crate::telemetry::RequestId;
 
 /// A photo of an espresso, predicted by `GET /test`.
@@ -58,6 +58,7 @@ async fn predict_route(
     Extension(RequestId(id)): Extension<RequestId>,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let _admitted = admit(&state)?;
     let input = parse_input(&state, request).await?;
     Ok(Json(predict(&state, input, &id).await?).into_response())
 }
@@ -66,6 +67,7 @@ async fn test_route(
     State(state): State<AppState>,
     Extension(RequestId(id)): Extension<RequestId>,
 ) -> Result<Response, ApiError> {
+    let _admitted = admit(&state)?;
     let input = PredictInput {
         source: ImageSource::Bytes(Bytes::from_static(SAMPLE_JPEG)),
         model: None,
@@ -205,6 +207,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
         let body = json!({ "error": { "code": "not_ready", "message": message } });
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     };
+    // Turned on by SIGTERM, before anything else stops, so balancers take this gateway out first.
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return not_ready("the gateway is shutting down".into());
+    }
     match state
         .catalog
         .client()

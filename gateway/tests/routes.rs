@@ -432,7 +432,12 @@ async fn gateway_full_is_429_and_other_requests_are_unaffected() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert_eq!(fake.entered.load(std::sync::atomic::Ordering::SeqCst), 1);
-    let (status, _, body) = get(app.clone(), "/test").await;
+    let (status, headers, body) = get(app.clone(), "/test").await;
+    assert_eq!((status, error_code(&body)), (429, "overloaded"));
+    assert_eq!(headers["retry-after"], "1");
+    // Refused before the body is read: a full gateway spends nothing on parsing it.
+    let (status, _, body) =
+        json_of(app.clone().oneshot(post_json("not json")).await.unwrap()).await;
     assert_eq!((status, error_code(&body)), (429, "overloaded"));
     let (status, _, _) = get(app.clone(), "/healthz").await;
     assert_eq!(status, 200);

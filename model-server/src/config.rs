@@ -37,6 +37,21 @@ pub struct Config {
     #[arg(long, env = "MAX_MESSAGE_SIZE", default_value_t = 64 * 1024 * 1024)]
     pub max_message_size: usize,
 
+    /// Age in seconds after which a client connection is asked to go away (HTTP/2 GOAWAY; calls in
+    /// flight finish), so long-lived clients reconnect, re-resolve and rebalance. 0 keeps connections
+    /// for ever.
+    #[arg(long, env = "MAX_CONNECTION_AGE_SECS", default_value_t = 300)]
+    pub max_connection_age_secs: u64,
+
+    /// Seconds a connection past its maximum age has to finish its calls before it is closed.
+    #[arg(long, env = "MAX_CONNECTION_AGE_GRACE_SECS", default_value_t = 30)]
+    pub max_connection_age_grace_secs: u64,
+
+    /// After SIGTERM, seconds that calls in flight and queued may take to finish before the server
+    /// exits anyway. Health turns NOT_SERVING and new calls are refused at once.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    pub shutdown_grace_secs: u64,
+
     /// Write logs as JSON lines instead of human-readable text.
     #[arg(long, env = "JSON_LOGS")]
     pub json_logs: bool,

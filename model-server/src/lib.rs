@@ -16,6 +16,7 @@ pub mod stats;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use candle_core::Device;
@@ -89,6 +90,8 @@ pub async fn serve(
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, threads, repository = %config.model_repository.display(), "gRPC server listening");
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let (began, draining) = tokio::sync::oneshot::channel::<()>();
     let shutdown = {
         let health = health.clone();
         async move {
@@ -99,16 +102,67 @@ pub async fn serve(
                     .set_service_status(name, ServingStatus::NotServing)
                     .await;
             }
-            tracing::info!("shutting down");
+            tracing::info!(
+                grace_secs = grace.as_secs(),
+                "shutting down: finishing calls in flight"
+            );
+            let _ = began.send(());
         }
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if config.max_connection_age_secs > 0 {
+        builder = builder
+            .max_connection_age(Duration::from_secs(config.max_connection_age_secs))
+            .max_connection_age_grace(Duration::from_secs(config.max_connection_age_grace_secs));
+    }
+    let serve = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(inference)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .context("gRPC server failed")
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    tokio::pin!(serve);
+    tokio::select! {
+        result = &mut serve => return result.context("gRPC server failed"),
+        _ = draining => {}
+    }
+    match tokio::time::timeout(grace, serve).await {
+        Ok(result) => result.context("gRPC server failed"),
+        Err(_) => {
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "grace period over with calls still in flight; exiting"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Completes on SIGTERM (what Kubernetes and Docker send) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
 }
 
 /// Binds `config.grpc_addr` and serves until `shutdown` completes.

@@ -1,10 +1,51 @@
-use clap::Parser;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
 use model_server::Config;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "model-server", version, about)]
+struct Cli {
+    /// Without a subcommand: serve.
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Asks a running server, over gRPC health, whether it is serving, and exits 0 only if so.
+    /// Container health checks use it: the runtime image has no other gRPC client.
+    Healthcheck {
+        /// Server to ask [default: --grpc-addr, on loopback when that binds every interface].
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+        /// Seconds to wait for connection and answer together.
+        #[arg(long, default_value_t = 3)]
+        timeout_secs: u64,
+    },
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let cli = Cli::parse();
+    let config = cli.config;
+    if let Some(Command::Healthcheck { addr, timeout_secs }) = cli.command {
+        let addr = addr.unwrap_or_else(|| loopback_for(config.grpc_addr));
+        // One line, no backtrace: this is what `docker inspect` shows as the health log.
+        if let Err(e) = healthcheck(addr, Duration::from_secs(timeout_secs)).await {
+            eprintln!("unhealthy: {e:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if config.json_logs {
         tracing_subscriber::fmt()
@@ -15,33 +56,41 @@ async fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
     tracing::info!(?config, "starting");
-    model_server::run(config, shutdown_signal()).await
+    model_server::run(config, model_server::shutdown_signal()).await
 }
 
-/// Completes on SIGTERM (what Kubernetes and Docker send) or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+/// Where to reach a server bound to `bind`: an unspecified address means "every interface", loopback included.
+fn loopback_for(bind: SocketAddr) -> SocketAddr {
+    match bind {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => (Ipv4Addr::LOCALHOST, a.port()).into(),
+        SocketAddr::V6(a) if a.ip().is_unspecified() => (Ipv6Addr::LOCALHOST, a.port()).into(),
+        other => other,
     }
+}
+
+/// Checks the overall health status (service ""), which is SERVING once every model is loaded and warm.
+async fn healthcheck(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let probe = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .with_context(|| format!("health check to {addr} failed"))?;
+        anyhow::Ok(response.into_inner().status())
+    };
+    let status = tokio::time::timeout(timeout, probe)
+        .await
+        .with_context(|| format!("no answer from {addr} within {timeout:?}"))??;
+    anyhow::ensure!(
+        status == ServingStatus::Serving,
+        "{addr} reports {}",
+        status.as_str_name()
+    );
+    println!("{addr}: SERVING");
+    Ok(())
 }

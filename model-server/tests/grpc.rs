@@ -556,3 +556,45 @@ async fn reflection_lists_the_inference_and_health_services() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_call_whose_deadline_passes_is_dropped_without_running() {
+    let server = TestServer::start(&["--max-batch-size", "8"]).await;
+    let client = server.client().await;
+    // Eight images keep the model busy for a while.
+    let busy = {
+        let mut c = client.clone();
+        tokio::spawn(async move {
+            c.model_infer(pixels_request(vec![0; 8 * 224 * 224 * 3], 8, vec![]))
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut late = tonic::Request::new(pixels_request(vec![0; 224 * 224 * 3], 1, vec![]));
+    late.set_timeout(std::time::Duration::from_millis(200));
+    let status = client
+        .clone()
+        .model_infer(late)
+        .await
+        .expect_err("the deadline passes while the call waits in the queue");
+    // tonic's server enforces grpc-timeout itself and answers CANCELLED "Timeout expired".
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    busy.await.expect("task").expect("the busy call completes");
+
+    let stats = client
+        .clone()
+        .model_statistics(ModelStatisticsRequest {
+            name: MODEL.into(),
+            version: String::new(),
+        })
+        .await
+        .expect("statistics")
+        .into_inner();
+    // Only the eight images ran: the late call was dropped when the batcher reached it.
+    assert_eq!(stats.model_stats[0].inference_count, 8, "{stats:?}");
+    assert_eq!(stats.model_stats[0].execution_count, 1, "{stats:?}");
+    server.stop().await;
+}

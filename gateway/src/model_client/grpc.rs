@@ -1,8 +1,11 @@
-//! The model tier over gRPC (Open Inference Protocol), using the classification extension for labels.
+//! The model tier over gRPC (Open Inference Protocol), using the classification extension for labels:
+//! every replica discovered, each call balanced, retried on another replica when it never reached a model.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use oip_proto::GrpcInferenceServiceClient;
@@ -12,55 +15,193 @@ use oip_proto::inference::{
     InferParameter, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
     ModelMetadataResponse, ModelReadyRequest,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
+use tracing::Instrument;
 
+use super::discovery::{self, Resolve, SystemResolver, Target};
+use super::pool::{self, Ejection, EndpointStatus, Pool};
+use super::retry::{self, RetryBudget, RetryPolicy};
 use super::{Classification, ClassifyRequest, ModelClient, ModelError, ModelSpec, Prediction};
+use crate::Config;
 
 /// Room for a large top-k answer; the default of 4 MiB is plenty for one image but not for everything.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// [`ModelClient`] over one tonic channel.
+/// How the client finds, balances over and retries the model-server replicas.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Names or addresses of the model tier, each resolved to every replica behind it.
+    pub targets: Vec<Target>,
+    /// Deadline of one call, retries included; sent as `grpc-timeout`.
+    pub timeout: Duration,
+    /// How often the names are resolved again.
+    pub discovery_interval: Duration,
+    /// Retry attempts and budget.
+    pub retry: RetryPolicy,
+    /// When a failing replica is taken out of rotation.
+    pub ejection: Ejection,
+}
+
+impl ClientOptions {
+    /// Defaults for `address` (a comma-separated list) with the call deadline `timeout`.
+    pub fn new(address: &str, timeout: Duration) -> Result<Self, String> {
+        Ok(ClientOptions {
+            targets: Target::parse_list(address)?,
+            timeout,
+            discovery_interval: Duration::from_secs(5),
+            retry: RetryPolicy {
+                max_attempts: 3,
+                budget_percent: 20.0,
+            },
+            ejection: Ejection {
+                after_failures: 3,
+                cool_down: Duration::from_secs(10),
+            },
+        })
+    }
+
+    /// The options the gateway's configuration asks for.
+    pub fn from_config(config: &Config) -> Result<Self, String> {
+        Ok(ClientOptions {
+            targets: Target::parse_list(&config.model_server)?,
+            timeout: config.inference_timeout(),
+            discovery_interval: Duration::from_millis(config.discovery_interval_ms),
+            retry: RetryPolicy {
+                max_attempts: config.max_attempts,
+                budget_percent: config.retry_budget_percent,
+            },
+            ejection: Ejection {
+                after_failures: config.eject_after_failures,
+                cool_down: Duration::from_millis(config.eject_cool_down_ms),
+            },
+        })
+    }
+}
+
+/// [`ModelClient`] over one connection per model-server replica, with discovery, balancing and retries.
 #[derive(Clone)]
 pub struct GrpcModelClient {
-    client: GrpcInferenceServiceClient<Channel>,
-    timeout: Duration,
+    pool: Arc<Pool>,
+    budget: Arc<RetryBudget>,
+    options: Arc<ClientOptions>,
 }
 
 impl GrpcModelClient {
-    /// A client for `address` that connects on first use, so the gateway starts before the model tier.
+    /// A client for `address` (comma-separated `http://host:port` names) with default balancing and
+    /// retries. It connects on first use, so the gateway starts before the model tier. Needs a tokio
+    /// runtime: it starts the discovery task.
     pub fn connect_lazy(address: &str, timeout: Duration) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(address.to_owned())?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let client = GrpcInferenceServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(GrpcModelClient { client, timeout })
+        let options = ClientOptions::new(address, timeout).map_err(anyhow::Error::msg)?;
+        Ok(Self::start(options, Arc::new(SystemResolver)))
     }
 
-    fn request<T>(&self, message: T, request_id: Option<&str>) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        // Tells the server our deadline so it can drop work nobody waits for.
-        request.set_timeout(self.timeout);
-        if let Some(id) = request_id.and_then(|id| id.parse().ok()) {
-            request.metadata_mut().insert("x-request-id", id);
+    /// A client resolving its targets with `resolver` every `discovery_interval`; the discovery task
+    /// ends when the last clone of the client is dropped.
+    pub fn start(options: ClientOptions, resolver: Arc<dyn Resolve>) -> Self {
+        let pool = Arc::new(Pool::new(options.ejection, pool::connect_lazy));
+        discovery::spawn(
+            options.targets.clone(),
+            resolver,
+            options.discovery_interval,
+            Arc::downgrade(&pool),
+        );
+        GrpcModelClient {
+            pool,
+            budget: Arc::new(RetryBudget::new(options.retry.budget_percent)),
+            options: Arc::new(options),
         }
-        request
     }
 
-    async fn call<T>(
+    /// The replicas known now, with their load and whether they are ejected.
+    pub fn endpoints(&self) -> Vec<EndpointStatus> {
+        self.pool.status()
+    }
+
+    /// Replicas ejected since start.
+    pub fn ejections(&self) -> u64 {
+        self.pool.ejections()
+    }
+
+    /// Calls one replica after another until one answers, the error is final, the attempts or the
+    /// retry budget run out, or the deadline passes. Each attempt carries the time left as its
+    /// `grpc-timeout`, so the server can drop work nobody waits for.
+    async fn call<M, T, F, Fut>(
         &self,
-        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
-    ) -> Result<T, ModelError> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(from_status(&status)),
-            Err(_) => Err(ModelError::DeadlineExceeded(format!(
+        message: M,
+        request_id: Option<&str>,
+        rpc: F,
+    ) -> Result<T, ModelError>
+    where
+        M: Clone,
+        F: Fn(GrpcInferenceServiceClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let timeout = self.options.timeout;
+        let deadline = Instant::now() + timeout;
+        let late = || {
+            ModelError::DeadlineExceeded(format!(
                 "the model server did not answer within {} ms",
-                self.timeout.as_millis()
-            ))),
+                timeout.as_millis()
+            ))
+        };
+        self.budget.deposit();
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt = 0;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(late());
+            }
+            let Some(endpoint) = self.pool.pick(&tried) else {
+                // Discovery has not found a replica yet: wait for it rather than fail at once.
+                self.pool.wait_for_endpoints(left).await;
+                if self.pool.status().is_empty() {
+                    return Err(ModelError::Unavailable(
+                        "no model-server replica is known yet".into(),
+                    ));
+                }
+                continue;
+            };
+            attempt += 1;
+            let mut request = tonic::Request::new(message.clone());
+            request.set_timeout(left);
+            if let Some(id) = request_id.and_then(|id| id.parse().ok()) {
+                request.metadata_mut().insert("x-request-id", id);
+            }
+            let client = GrpcInferenceServiceClient::new(endpoint.channel())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            let span = tracing::debug_span!("model_call", endpoint = %endpoint.addr(), attempt);
+            let in_flight = endpoint.start();
+            let result = tokio::time::timeout(left, rpc(client, request))
+                .instrument(span)
+                .await;
+            drop(in_flight);
+            let status = match result {
+                Ok(Ok(response)) => {
+                    self.pool.succeeded(&endpoint);
+                    return Ok(response.into_inner());
+                }
+                Ok(Err(status)) => status,
+                Err(_) => return Err(late()),
+            };
+            if !retry::is_retryable(&status) {
+                // The replica answered: it is alive, whatever it said.
+                self.pool.succeeded(&endpoint);
+                return Err(from_status(&status));
+            }
+            self.pool.failed(&endpoint);
+            tried.push(endpoint.addr());
+            if attempt >= self.options.retry.max_attempts || !self.budget.withdraw() {
+                return Err(from_status(&status));
+            }
+            let pause = retry::backoff(attempt, self.pool.random());
+            if pause >= deadline.saturating_duration_since(Instant::now()) {
+                return Err(from_status(&status));
+            }
+            tracing::debug!(endpoint = %endpoint.addr(), attempt, code = ?status.code(), error = %status.message(), pause_ms = pause.as_millis() as u64, "retrying on another replica");
+            tokio::time::sleep(pause).await;
         }
     }
 }
@@ -68,37 +209,40 @@ impl GrpcModelClient {
 #[async_trait]
 impl ModelClient for GrpcModelClient {
     async fn metadata(&self, model: &str, version: &str) -> Result<ModelSpec, ModelError> {
-        let request = self.request(
-            ModelMetadataRequest {
-                name: model.into(),
-                version: version.into(),
-            },
-            None,
-        );
-        let mut client = self.client.clone();
-        let metadata = self.call(client.model_metadata(request)).await?;
+        let message = ModelMetadataRequest {
+            name: model.into(),
+            version: version.into(),
+        };
+        let metadata = self
+            .call(message, None, |mut client, request| async move {
+                client.model_metadata(request).await
+            })
+            .await?;
         spec_from_metadata(model, version, &metadata)
     }
 
     async fn ready(&self, model: &str, version: &str) -> Result<bool, ModelError> {
-        let request = self.request(
-            ModelReadyRequest {
-                name: model.into(),
-                version: version.into(),
-            },
-            None,
-        );
-        let mut client = self.client.clone();
-        Ok(self.call(client.model_ready(request)).await?.ready)
+        let message = ModelReadyRequest {
+            name: model.into(),
+            version: version.into(),
+        };
+        let response = self
+            .call(message, None, |mut client, request| async move {
+                client.model_ready(request).await
+            })
+            .await?;
+        Ok(response.ready)
     }
 
     async fn classify(&self, request: ClassifyRequest) -> Result<Classification, ModelError> {
         let spec = request.spec.clone();
         let id = request.request_id.clone();
         let message = infer_request(request);
-        let message = self.request(message, Some(&id));
-        let mut client = self.client.clone();
-        let response = self.call(client.model_infer(message)).await?;
+        let response = self
+            .call(message, Some(&id), |mut client, request| async move {
+                client.model_infer(request).await
+            })
+            .await?;
         classification_from_response(&spec, &response)
     }
 }

@@ -222,4 +222,6 @@ fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
+pub mod load;
+pub mod oip;
 pub mod stack;
