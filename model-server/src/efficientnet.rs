@@ -10,6 +10,11 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 
+use crate::kernels::depthwise::Depthwise;
+use crate::kernels::epilogue::Epilogue;
+use crate::kernels::pointwise::Pointwise;
+use crate::kernels::same_padding;
+
 /// BatchNorm epsilon of the TensorFlow checkpoint.
 const BN_EPS: f64 = 1e-3;
 
@@ -85,87 +90,75 @@ impl Weights {
     }
 }
 
-/// A convolution with its BatchNorm folded in at load time, so inference is
-/// one convolution plus a bias instead of five passes over the activations.
-#[derive(Debug, Clone)]
-struct ConvBn {
-    weight: Tensor,
-    bias: Tensor,
-    kernel: usize,
-    stride: usize,
-    groups: usize,
-    relu6: bool,
+/// Loads a convolution and folds its BatchNorm into it, so inference is one
+/// convolution plus a bias instead of five passes over the activations.
+/// Returns the weight `[cout, cin_per_group, k, k]` and the bias `[cout]`.
+fn load_conv_bn(
+    w: &mut Weights,
+    conv: &str,
+    bn: &str,
+    (cout, cin_per_group, kernel): (usize, usize, usize),
+) -> Result<(Tensor, Tensor)> {
+    let weight = w.get(
+        &format!("{conv}.weight"),
+        &[cout, cin_per_group, kernel, kernel],
+    )?;
+    let gamma = w.get(&format!("{bn}.weight"), &[cout])?;
+    let beta = w.get(&format!("{bn}.bias"), &[cout])?;
+    let mean = w.get(&format!("{bn}.running_mean"), &[cout])?;
+    let var = w.get(&format!("{bn}.running_var"), &[cout])?;
+    // num_batches_tracked only matters for training.
+    w.tensors.remove(&format!("{bn}.num_batches_tracked"));
+    let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
+    let weight = weight.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
+    let bias = (beta - (mean * &scale)?)?;
+    Ok((weight, bias))
 }
 
-impl ConvBn {
-    fn load(
-        w: &mut Weights,
-        conv: &str,
-        bn: &str,
-        (cout, cin_per_group, kernel): (usize, usize, usize),
-        stride: usize,
-        groups: usize,
-        relu6: bool,
-    ) -> Result<Self> {
-        let weight = w.get(
-            &format!("{conv}.weight"),
-            &[cout, cin_per_group, kernel, kernel],
-        )?;
-        let gamma = w.get(&format!("{bn}.weight"), &[cout])?;
-        let beta = w.get(&format!("{bn}.bias"), &[cout])?;
-        let mean = w.get(&format!("{bn}.running_mean"), &[cout])?;
-        let var = w.get(&format!("{bn}.running_var"), &[cout])?;
-        // num_batches_tracked only matters for training.
-        w.tensors.remove(&format!("{bn}.num_batches_tracked"));
-        let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
-        let weight = weight.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
-        let bias = (beta - (mean * &scale)?)?;
+/// The 3x3 stride-2 stem: the only full convolution, and the only layer that
+/// sees the NCHW input. It hands NHWC activations to the rest of the network,
+/// which is what lets the depthwise kernel vectorise over channels and every
+/// 1x1 convolution be a single GEMM.
+#[derive(Debug, Clone)]
+struct Stem {
+    weight: Tensor,
+    epilogue: Epilogue,
+}
+
+const STEM_KERNEL: usize = 3;
+const STEM_STRIDE: usize = 2;
+
+impl Stem {
+    fn load(w: &mut Weights) -> Result<Self> {
+        let (weight, bias) =
+            load_conv_bn(w, "_conv_stem", "_bn0", (STEM_CHANNELS, 3, STEM_KERNEL))?;
         Ok(Self {
             weight,
-            bias: bias.reshape((1, cout, 1, 1))?,
-            kernel,
-            stride,
-            groups,
-            relu6,
+            epilogue: Epilogue::new(&bias, true)?,
         })
     }
-}
 
-/// TensorFlow "same" padding for one spatial dimension: the output is
-/// ceil(size / stride) and any odd padding goes after, not before.
-fn same_padding(size: usize, kernel: usize, stride: usize) -> (usize, usize) {
-    let out = size.div_ceil(stride);
-    let total = ((out - 1) * stride + kernel).saturating_sub(size);
-    (total / 2, total - total / 2)
-}
-
-impl Module for ConvBn {
+    /// `[N, 3, H, W]` in, `[N, H/2, W/2, 32]` out.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let (top, bottom) = same_padding(h, self.kernel, self.stride);
-        let (left, right) = same_padding(w, self.kernel, self.stride);
-        let y = if top == bottom && left == right && top == left {
-            x.conv2d(&self.weight, top, self.stride, 1, self.groups)?
-        } else {
-            // candle pads symmetrically only; pad explicitly for the TF case.
-            x.pad_with_zeros(2, top, bottom)?
-                .pad_with_zeros(3, left, right)?
-                .conv2d(&self.weight, 0, self.stride, 1, self.groups)?
-        };
-        let y = y.broadcast_add(&self.bias)?;
-        if self.relu6 {
-            y.clamp(0f32, 6f32)
-        } else {
-            Ok(y)
-        }
+        let (top, bottom) = same_padding(h, STEM_KERNEL, STEM_STRIDE);
+        let (left, right) = same_padding(w, STEM_KERNEL, STEM_STRIDE);
+        // candle pads symmetrically only; pad explicitly for the TF case.
+        let y = x
+            .pad_with_zeros(2, top, bottom)?
+            .pad_with_zeros(3, left, right)?
+            .conv2d(&self.weight, 0, STEM_STRIDE, 1, 1)?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?;
+        self.epilogue.apply(y, None)
     }
 }
 
 #[derive(Debug, Clone)]
 struct MbConv {
-    expand: Option<ConvBn>,
-    depthwise: ConvBn,
-    project: ConvBn,
+    expand: Option<Pointwise>,
+    depthwise: Depthwise,
+    project: Pointwise,
     skip: bool,
 }
 
@@ -176,61 +169,51 @@ impl MbConv {
         let expand = if s.expand == 1 {
             None
         } else {
-            Some(ConvBn::load(
+            let (weight, bias) = load_conv_bn(
                 w,
                 &format!("{p}._expand_conv"),
                 &format!("{p}._bn0"),
                 (mid, s.cin, 1),
-                1,
-                1,
-                true,
-            )?)
+            )?;
+            Some(Pointwise::new(&weight, &bias, true)?)
         };
-        let depthwise = ConvBn::load(
+        let (weight, bias) = load_conv_bn(
             w,
             &format!("{p}._depthwise_conv"),
             &format!("{p}._bn1"),
             (mid, 1, s.kernel),
-            s.stride,
-            mid,
-            true,
         )?;
-        let project = ConvBn::load(
+        let depthwise = Depthwise::new(&weight, &bias, s.stride, true)?;
+        let (weight, bias) = load_conv_bn(
             w,
             &format!("{p}._project_conv"),
             &format!("{p}._bn2"),
             (s.cout, mid, 1),
-            1,
-            1,
-            false,
         )?;
         Ok(Self {
             expand,
             depthwise,
-            project,
+            project: Pointwise::new(&weight, &bias, false)?,
             skip: s.stride == 1 && s.cin == s.cout,
         })
     }
-}
 
-impl Module for MbConv {
+    /// NHWC in and out.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = match &self.expand {
-            Some(e) => e.forward(x)?,
-            None => x.clone(),
+        let y = match &self.expand {
+            Some(e) => self.depthwise.forward(&e.forward(x, None)?)?,
+            None => self.depthwise.forward(x)?,
         };
-        y = self.depthwise.forward(&y)?;
-        y = self.project.forward(&y)?;
-        if self.skip { y + x } else { Ok(y) }
+        self.project.forward(&y, self.skip.then_some(x))
     }
 }
 
 /// EfficientNet-Lite0 with BatchNorm folded into the convolutions.
 #[derive(Debug, Clone)]
 pub struct EfficientNetLite0 {
-    stem: ConvBn,
+    stem: Stem,
     blocks: Vec<MbConv>,
-    head: ConvBn,
+    head: Pointwise,
     fc_weight: Tensor,
     fc_bias: Tensor,
     device: Device,
@@ -244,30 +227,15 @@ impl EfficientNetLite0 {
             tensors,
             device: device.clone(),
         };
-        let stem = ConvBn::load(
-            &mut w,
-            "_conv_stem",
-            "_bn0",
-            (STEM_CHANNELS, 3, 3),
-            2,
-            1,
-            true,
-        )?;
+        let stem = Stem::load(&mut w)?;
         let blocks = BLOCKS
             .iter()
             .enumerate()
             .map(|(i, s)| MbConv::load(&mut w, i, *s))
             .collect::<Result<Vec<_>>>()?;
         let last = BLOCKS[BLOCKS.len() - 1].cout;
-        let head = ConvBn::load(
-            &mut w,
-            "_conv_head",
-            "_bn1",
-            (HEAD_CHANNELS, last, 1),
-            1,
-            1,
-            true,
-        )?;
+        let (weight, bias) = load_conv_bn(&mut w, "_conv_head", "_bn1", (HEAD_CHANNELS, last, 1))?;
+        let head = Pointwise::new(&weight, &bias, true)?;
         let fc_weight = w
             .get("_fc.weight", &[NUM_CLASSES, HEAD_CHANNELS])?
             .t()?
@@ -308,22 +276,9 @@ impl Module for EfficientNetLite0 {
         for block in &self.blocks {
             y = block.forward(&y)?;
         }
-        let y = self.head.forward(&y)?.mean((2, 3))?;
+        let y = self.head.forward(&y, None)?;
+        let (n, h, w, c) = y.dims4()?;
+        let y = y.reshape((n, h * w, c))?.mean(1)?;
         y.matmul(&self.fc_weight)?.broadcast_add(&self.fc_bias)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn same_padding_matches_tensorflow() {
-        assert_eq!(same_padding(224, 3, 2), (0, 1));
-        assert_eq!(same_padding(112, 5, 2), (1, 2));
-        assert_eq!(same_padding(56, 3, 1), (1, 1));
-        assert_eq!(same_padding(14, 5, 1), (2, 2));
-        // Odd sizes pad symmetrically for stride 2 with a 3x3 kernel.
-        assert_eq!(same_padding(7, 3, 2), (1, 1));
     }
 }

@@ -7,6 +7,7 @@ pub mod codec;
 pub mod config;
 pub mod efficientnet;
 pub mod error;
+pub mod kernels;
 pub mod pth;
 pub mod registry;
 pub mod repository;
