@@ -16,9 +16,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use common::load::{Load, predict_body, rss_kib};
 use common::oip::{CHILD_ENV, ChildServer, FakeServer, LISTENING, served};
-use common::stack::{http_client, wait_for_readyz};
+use common::stack::{Gateway, http_client, wait_for_readyz};
 use gateway::model_client::{ClientOptions, GrpcModelClient, Resolve};
-use tokio::sync::oneshot;
 
 /// One test at a time: each brings up several servers and a load, and their numbers mean something only
 /// when they do not share two cores with another test's load.
@@ -47,9 +46,8 @@ impl Resolve for TestResolver {
 
 /// A gateway in this process whose model-server name resolves through `resolver`.
 struct TestGateway {
-    url: String,
+    served: Gateway,
     client: GrpcModelClient,
-    stop: Option<oneshot::Sender<()>>,
 }
 
 impl TestGateway {
@@ -59,30 +57,8 @@ impl TestGateway {
         let config = common::config(&all);
         let options = ClientOptions::from_config(&config).unwrap();
         let client = GrpcModelClient::start(options, resolver);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(gateway::run(
-            config,
-            listener,
-            Arc::new(client.clone()),
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        TestGateway {
-            url,
-            client,
-            stop: Some(stop),
-        }
-    }
-}
-
-impl Drop for TestGateway {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        let served = Gateway::serve(config, Arc::new(client.clone())).await;
+        TestGateway { served, client }
     }
 }
 
@@ -148,7 +124,7 @@ async fn three_replicas_share_a_steady_load() {
     resolver.set(&servers.each_ref().map(|s| s.addr));
     let gateway = TestGateway::start(resolver, &[]).await;
 
-    let load = Load::start(&gateway.url, 12, Some(600));
+    let load = Load::start(&gateway.served.url, 12, Some(600));
     load.wait_done(600, Duration::from_secs(120)).await;
     let report = load.stop().await;
     assert!(
@@ -182,7 +158,7 @@ async fn a_new_replica_gets_traffic_within_one_refresh_and_a_removed_one_is_drai
     let resolver = Arc::new(TestResolver::default());
     resolver.set(&[servers[0].addr, servers[1].addr, servers[2].addr]);
     let gateway = TestGateway::start(resolver.clone(), &["--discovery-interval-ms", "500"]).await;
-    let load = Load::start(&gateway.url, 8, None);
+    let load = Load::start(&gateway.served.url, 8, None);
     load.wait_done(50, Duration::from_secs(30)).await;
 
     resolver.set(&servers.each_ref().map(|s| s.addr));
@@ -241,7 +217,7 @@ async fn sigkill_of_one_replica_under_load_fails_no_request() {
     let gateway = TestGateway::start(resolver, &[]).await;
 
     let started = Instant::now();
-    let load = Load::start(&gateway.url, 16, None);
+    let load = Load::start(&gateway.served.url, 16, None);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let victim = children.remove(0);
     victim.signal("-KILL");
@@ -293,7 +269,7 @@ async fn overload_is_shed_at_once_with_429_and_accepted_latency_stays_bounded() 
     // Capacity: 8 calls of 50 ms at once, about 160 a second; the load offers far more.
     let gateway = TestGateway::start(resolver, &["--max-in-flight", "8"]).await;
 
-    let load = Load::start(&gateway.url, 64, None);
+    let load = Load::start(&gateway.served.url, 64, None);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_start = rss_kib();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -342,7 +318,7 @@ async fn sigterm_to_a_model_server_under_load_fails_no_request() {
     resolver.set(&[a.addr, b.addr]);
     let gateway = TestGateway::start(resolver, &["--inference-timeout-ms", "60000"]).await;
     let client = http_client();
-    wait_for_readyz(&client, &gateway.url, 200, Duration::from_secs(300)).await;
+    wait_for_readyz(&client, &gateway.served.url, 200, Duration::from_secs(300)).await;
     // Both replicas must be loaded before the load starts, or one would take it all.
     for child in [&a, &b] {
         let started = Instant::now();
@@ -356,7 +332,7 @@ async fn sigterm_to_a_model_server_under_load_fails_no_request() {
         }
     }
 
-    let load = Load::start(&gateway.url, 4, Some(16));
+    let load = Load::start(&gateway.served.url, 4, Some(16));
     // Drain `a` while it has calls in flight.
     let started = Instant::now();
     while !gateway

@@ -10,7 +10,7 @@ use axum::Router;
 use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::routing::get;
-use gateway::model_client::GrpcModelClient;
+use gateway::model_client::{GrpcModelClient, ModelClient};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -104,10 +104,15 @@ impl Gateway {
         let client =
             GrpcModelClient::connect_lazy(&config.model_server, config.inference_timeout())
                 .unwrap();
+        Gateway::serve(config, Arc::new(client)).await
+    }
+
+    /// Serves `config` in this process on a loopback port, calling the model tier through `client`.
+    pub async fn serve(config: gateway::Config, client: Arc<dyn ModelClient>) -> Gateway {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(gateway::run(config, listener, Arc::new(client), async {
+        tokio::spawn(gateway::run(config, listener, client, async {
             let _ = stopped.await;
         }));
         Gateway {
