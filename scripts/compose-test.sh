@@ -46,7 +46,8 @@ compose() { "${compose_cmd[@]}" -p "$project" -f compose.yaml "$@"; }
 profile="${IMAGE_PROFILE:-release}"
 case "$profile" in
     release) cargo build --release --locked -p model-server -p gateway --bins; built=target/release ;;
-    dev) cargo build --locked -p model-server -p gateway --bins; built=target/debug ;;
+    # The same command as scripts/test.sh, so the same feature set: nothing is compiled again after the tests.
+    dev) cargo test --workspace --locked --no-run; built=target/debug ;;
     *) die "IMAGE_PROFILE must be release or dev, not $profile" ;;
 esac
 built="${CARGO_TARGET_DIR:-$root/target}/${built#target/}"

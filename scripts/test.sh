@@ -34,9 +34,12 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
 
-# The model repository, built with the same profile as the tests so that
-# CI compiles the workspace once.
-SETUP_CARGO_PROFILE=dev scripts/setup-model-repository.sh
+# Build every test and binary first, then make the model repository with the converter that build produced: a
+# separate `cargo run` would unify features differently (no dev-dependencies) and compile much of the tree twice.
+say "building the workspace and its tests"
+cargo test --workspace --locked --no-run "$@"
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+MAKE_MODEL_REPOSITORY="$target_dir/debug/make-model-repository" scripts/setup-model-repository.sh
 
 export OIP_PYTHON="$root/.venv/bin/python"
 say "running cargo test"

@@ -1,11 +1,12 @@
 //! Model-only CPU inference time of EfficientNet-Lite0: batch-1 latency and
 //! batch-8 throughput, run inside a dedicated rayon pool as the server does.
 //!
-//! `cargo bench -p model-server --bench inference -- [--threads N] [--runs N] [--trials N]`
+//! `cargo bench -p model-server --bench inference -- [--threads N] [--runs N] [--trials N] [--batches 1,8] [--json PATH]`
 //! Needs the model repository (MODEL_REPOSITORY, default ./model-repository).
 //! Each trial times `runs` forward passes after a warm-up; the figure quoted
 //! is the median of the trial medians, with the range, as numbers on a
-//! shared machine drift between trials.
+//! shared machine drift between trials. `--json` also writes them for
+//! `scripts/bench.sh`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,13 +14,19 @@ use std::time::Instant;
 use candle_core::{Device, Module, Tensor};
 use model_server::efficientnet::EfficientNetLite0;
 
-fn arg(name: &str, default: usize) -> usize {
+fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+        .cloned()
+}
+
+fn number(name: &str, default: usize) -> anyhow::Result<usize> {
+    arg(name).map_or(Ok(default), |v| {
+        v.parse()
+            .map_err(|_| anyhow::anyhow!("{name} wants a whole number, not {v:?}"))
+    })
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -28,9 +35,15 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let threads = arg("--threads", 2);
-    let runs = arg("--runs", 20);
-    let trials = arg("--trials", 3);
+    let threads = number("--threads", 2)?;
+    let runs = number("--runs", 20)?.max(1);
+    let trials = number("--trials", 3)?.max(1);
+    let batches = arg("--batches")
+        .unwrap_or_else(|| "1,8".into())
+        .split(',')
+        .map(|b| b.trim().parse::<usize>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| anyhow::anyhow!("--batches wants a list like 1,8"))?;
     let repo = std::env::var_os("MODEL_REPOSITORY")
         .map_or_else(|| PathBuf::from("model-repository"), PathBuf::from);
     let repo = if repo.is_relative() && !repo.exists() {
@@ -46,7 +59,8 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let model = pool.install(|| EfficientNetLite0::load(&weights, &Device::Cpu))?;
     println!("EfficientNet-Lite0, candle CPU, {threads} threads, {trials} trials x {runs} runs");
-    for batch in [1usize, 8] {
+    let mut results = Vec::new();
+    for batch in batches {
         let x = Tensor::randn(0f32, 1f32, (batch, 3, 224, 224), &Device::Cpu)?;
         let mut trial_medians = Vec::new();
         for _ in 0..trials {
@@ -66,11 +80,27 @@ fn main() -> anyhow::Result<()> {
         }
         let lo = trial_medians.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = trial_medians.iter().copied().fold(0.0, f64::max);
-        let med = median(&mut trial_medians);
+        let med = median(&mut trial_medians.clone());
+        let images_per_s = batch as f64 * 1e3 / med;
         println!(
-            "batch {batch}: median {med:.1} ms (trial medians {lo:.1}..{hi:.1}) = {:.1} img/s",
-            batch as f64 * 1e3 / med
+            "batch {batch}: median {med:.1} ms (trial medians {lo:.1}..{hi:.1}) = {images_per_s:.1} img/s"
         );
+        results.push(serde_json::json!({
+            "batch": batch,
+            "median_ms": med,
+            "trial_medians_ms": trial_medians,
+            "images_per_s": images_per_s,
+        }));
+    }
+    if let Some(path) = arg("--json") {
+        let report = serde_json::json!({
+            "runtime": "candle (this project)",
+            "threads": threads,
+            "runs": runs,
+            "trials": trials,
+            "results": results,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
 }

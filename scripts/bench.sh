@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# Measures the service on this machine in one run and writes BENCHMARKS.md from what it measured:
+#   1. model compute, ours (cargo bench --bench inference) against onnxruntime on the same ONNX model,
+#      batch 1 latency and batch 8 throughput, 1 and 2 threads;
+#   2. the model server alone over gRPC under loadtest, concurrency 1, 4 and 16, batching off and on;
+#   3. gateway + model server under loadtest at concurrency 1 and 10, on /test and on predict-by-URL (a 500x375
+#      JPEG served from loopback), with the gateway's own share of the latency;
+#   4. peak RSS of each server, and the model server's cold start to ready;
+#   5. wrk against /test at concurrency 10, to check (3) with a load generator we did not write.
+#
+#   scripts/bench.sh [--smoke] [--out FILE]
+#
+# --smoke: seconds-long runs with the dev-profile binaries the tests already built, to prove the script works (CI
+# runs this); it writes target/bench/BENCHMARKS.md unless --out says otherwise, and its numbers mean nothing.
+# Environment: ORT_MODEL, the ONNX file for onnxruntime (default: the reference export beside the checkout,
+# ../shared/reference/efficientnet_lite0.onnx; without one, part 1 has our numbers only). BENCH_DURATION and
+# BENCH_TRIALS override the load-test duration and the compute trials.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+say() { printf 'bench.sh: %s\n' "$*" >&2; }
+die() { say "$*"; exit 1; }
+
+smoke=false
+out=""
+while (($#)); do
+    case "$1" in
+        --smoke) smoke=true ;;
+        --out) out="${2:?--out needs a file}"; shift ;;
+        *) die "unknown argument $1 (use --smoke, --out FILE)" ;;
+    esac
+    shift
+done
+
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+work="$target_dir/bench"
+rm -rf "$work"
+mkdir -p "$work/results" "$work/images"
+if $smoke; then
+    profile=dev bin_dir="$target_dir/debug"
+    duration="${BENCH_DURATION:-2s}" warmup=0s runs=2 trials="${BENCH_TRIALS:-1}" wrk_duration=2s
+    out="${out:-$work/BENCHMARKS.md}"
+else
+    profile=release bin_dir="$target_dir/release"
+    duration="${BENCH_DURATION:-20s}" warmup=3s runs=20 trials="${BENCH_TRIALS:-5}" wrk_duration=30s
+    out="${out:-$root/BENCHMARKS.md}"
+fi
+threads=2
+model=efficientnet-lite0
+
+# ---- tools ----------------------------------------------------------------------------------------------------
+if ! command -v wrk >/dev/null 2>&1; then
+    sudo=()
+    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+    say "installing wrk"
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends wrk >/dev/null
+fi
+if [[ ! -x .venv/bin/python ]]; then
+    say "creating .venv"
+    python3 -m venv .venv
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-bench.txt
+py=.venv/bin/python
+
+say "building ($profile)"
+cargo_profile=(--profile "$profile")
+if $smoke; then
+    # The tests' own build: the same command and features, so nothing is compiled again.
+    cargo test --workspace --locked --no-run >/dev/null
+else
+    cargo build --locked "${cargo_profile[@]}" -p model-server -p gateway -p loadtest --bins
+fi
+cargo bench --locked "${cargo_profile[@]}" -p model-server --bench inference --no-run
+MAKE_MODEL_REPOSITORY="$bin_dir/make-model-repository" scripts/setup-model-repository.sh
+export MODEL_REPOSITORY="$root/model-repository"
+
+# ---- machine --------------------------------------------------------------------------------------------------
+cpu="$(LC_ALL=C lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n1)"
+$py - "$work/results/machine.json" "$cpu" "$(nproc)" "$smoke" "$duration" "$trials" "$runs" <<'EOF'
+import json, os, platform, subprocess, sys, datetime
+path, cpu, cores, smoke, duration, trials, runs = sys.argv[1:]
+mem_kib = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")))
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
+json.dump(dict(cpu=cpu or platform.processor(), cores=int(cores), memory_gib=round(mem_kib / 2**20, 1),
+               kernel=platform.release(), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               commit=commit, rustc=rustc, smoke=smoke == "true", duration=duration, trials=int(trials),
+               runs=int(runs)), open(path, "w"), indent=2)
+EOF
+
+# ---- 1. model compute -----------------------------------------------------------------------------------------
+for t in 1 2; do
+    say "compute: ours, $t thread(s)"
+    cargo bench --locked "${cargo_profile[@]}" -p model-server --bench inference -- \
+        --threads "$t" --runs "$runs" --trials "$trials" --batches 1,8 --json "$work/results/compute-ours-t$t.json"
+done
+ort_model="${ORT_MODEL:-$root/../shared/reference/efficientnet_lite0.onnx}"
+if [[ -f "$ort_model" ]]; then
+    say "compute: onnxruntime"
+    $py scripts/bench-ort.py "$ort_model" --threads 1,2 --runs "$runs" --trials "$trials" --out-dir "$work/results"
+    printf '%s\n' "$(basename "$ort_model")" >"$work/results/ort-model.txt"
+else
+    say "no ONNX model at $ort_model: onnxruntime not measured (set ORT_MODEL)"
+fi
+
+# ---- servers --------------------------------------------------------------------------------------------------
+free_port() { $py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# Starts a model server with the given extra flags; sets ms_pid, ms_grpc, ms_ready_ms.
+start_model_server() {
+    local grpc http started
+    grpc="$(free_port)" http="$(free_port)"
+    started="$(date +%s%N)"
+    "$bin_dir/model-server" --model-repository "$MODEL_REPOSITORY" --grpc-addr "127.0.0.1:$grpc" \
+        --http-addr "127.0.0.1:$http" --threads "$threads" "$@" >>"$work/model-server.log" 2>&1 &
+    ms_pid=$!
+    pids+=("$ms_pid")
+    for _ in $(seq 1 3000); do
+        if curl -fsS "http://127.0.0.1:$http/v2/health/ready" >/dev/null 2>&1; then
+            ms_ready_ms=$((($(date +%s%N) - started) / 1000000))
+            ms_grpc="http://127.0.0.1:$grpc"
+            return 0
+        fi
+        kill -0 "$ms_pid" 2>/dev/null || die "the model server exited; see $work/model-server.log"
+        sleep 0.02
+    done
+    die "the model server was not ready within 60 s; see $work/model-server.log"
+}
+
+# Peak resident memory of a process in KiB.
+peak_rss_kib() { sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$1/status"; }
+
+stop() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+loadtest() { "$bin_dir/loadtest" "$@" --duration "$duration" --warmup "$warmup" --json; }
+
+# ---- 2. the model server alone --------------------------------------------------------------------------------
+# Off: one image per execution. On: up to 8, whatever is waiting when the model gets free (no extra delay: with
+# every core busy, waiting for a fuller batch only adds latency).
+for mode in off on; do
+    case "$mode" in
+        off) flags=(--max-batch-size 1) ;;
+        on) flags=(--max-batch-size 8 --max-queue-delay 0) ;;
+    esac
+    say "model server, batching $mode"
+    start_model_server "${flags[@]}"
+    [[ "$mode" == off ]] && printf '{"cold_start_ms": %s}\n' "$ms_ready_ms" >"$work/results/cold-start.json"
+    for c in 1 4 16; do
+        say "  gRPC, concurrency $c"
+        loadtest grpc --server "$ms_grpc" --model "$model" --image testdata/golden/coffee.png \
+            --concurrency "$c" >"$work/results/grpc-batching-$mode-c$c.json"
+    done
+    printf '{"peak_rss_kib": %s}\n' "$(peak_rss_kib "$ms_pid")" >"$work/results/rss-model-server-$mode.json"
+    stop "$ms_pid"
+done
+
+# ---- 3 and 5. the whole stack ---------------------------------------------------------------------------------
+# A 500x375 JPEG, the size the gateway-overhead target is stated for.
+$py - testdata/golden/coffee.png "$work/images/coffee-500x375.jpg" <<'EOF'
+import sys
+from PIL import Image
+Image.open(sys.argv[1]).convert("RGB").resize((500, 375), Image.LANCZOS).save(sys.argv[2], quality=90)
+EOF
+start_model_server --max-batch-size 8 --max-queue-delay 0
+gw_port="$(free_port)"
+"$bin_dir/gateway" --listen "127.0.0.1:$gw_port" --model-server "$ms_grpc" --fetch-allow 127.0.0.0/8 \
+    >>"$work/gateway.log" 2>&1 &
+gw_pid=$!
+pids+=("$gw_pid")
+gateway="http://127.0.0.1:$gw_port"
+for _ in $(seq 1 1500); do
+    curl -fsS "$gateway/readyz" >/dev/null 2>&1 && break
+    kill -0 "$gw_pid" 2>/dev/null || die "the gateway exited; see $work/gateway.log"
+    sleep 0.02
+done
+curl -fsS "$gateway/readyz" >/dev/null || die "the gateway was not ready within 30 s; see $work/gateway.log"
+for c in 1 10; do
+    say "stack: /test, concurrency $c"
+    loadtest test --gateway "$gateway" --concurrency "$c" >"$work/results/stack-test-c$c.json"
+    say "stack: predict by URL, concurrency $c"
+    loadtest predict-url --gateway "$gateway" --serve-dir "$work/images" --concurrency "$c" \
+        >"$work/results/stack-url-c$c.json"
+done
+say "wrk: /test, concurrency 10"
+wrk -t 2 -c 10 -d "$wrk_duration" --latency "$gateway/test" >"$work/results/wrk-test-c10.txt"
+printf '{"peak_rss_kib": %s}\n' "$(peak_rss_kib "$gw_pid")" >"$work/results/rss-gateway.json"
+printf '{"peak_rss_kib": %s}\n' "$(peak_rss_kib "$ms_pid")" >"$work/results/rss-model-server-stack.json"
+stop "$gw_pid"
+stop "$ms_pid"
+
+# ---- report ---------------------------------------------------------------------------------------------------
+$py scripts/bench-report.py "$work/results" >"$out"
+say "wrote $out"
