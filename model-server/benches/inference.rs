@@ -14,6 +14,10 @@ use std::time::Instant;
 use candle_core::{Device, Module, Tensor};
 use model_server::efficientnet::EfficientNetLite0;
 
+// The server's allocator, so allocation costs are the server's too.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 
+use crate::kernels::dense::Dense;
 use crate::kernels::depthwise::Depthwise;
 use crate::kernels::epilogue::Epilogue;
 use crate::kernels::pointwise::Pointwise;
@@ -122,6 +123,7 @@ fn load_conv_bn(
 #[derive(Debug, Clone)]
 struct Stem {
     weight: Tensor,
+    dense: Dense,
     epilogue: Epilogue,
 }
 
@@ -133,6 +135,7 @@ impl Stem {
         let (weight, bias) =
             load_conv_bn(w, "_conv_stem", "_bn0", (STEM_CHANNELS, 3, STEM_KERNEL))?;
         Ok(Self {
+            dense: Dense::new(&weight, STEM_STRIDE)?,
             weight,
             epilogue: Epilogue::new(&bias, true)?,
         })
@@ -140,6 +143,10 @@ impl Stem {
 
     /// `[N, 3, H, W]` in, `[N, H/2, W/2, 32]` out.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let y = x.contiguous()?.apply_op1_no_bwd(&self.dense)?;
+            return self.epilogue.apply(y, None);
+        }
         let (_, _, h, w) = x.dims4()?;
         let (top, bottom) = same_padding(h, STEM_KERNEL, STEM_STRIDE);
         let (left, right) = same_padding(w, STEM_KERNEL, STEM_STRIDE);

@@ -9,6 +9,12 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tracing_subscriber::EnvFilter;
 
+// Each layer's output is a fresh buffer of up to tens of megabytes; glibc's malloc hands such sizes back to the
+// OS on free, so every batch paid for page faults and zeroing again. mimalloc keeps them for reuse: batch-8
+// inference about 20 % faster here (`cargo bench -p model-server --bench inference`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "model-server", version, about)]
 struct Cli {

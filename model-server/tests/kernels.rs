@@ -1,9 +1,10 @@
 //! The custom CPU kernels against candle's own (slow but plain) operations:
 //! depthwise against `conv2d` with groups = channels, pointwise against a
-//! 1x1 `conv2d`, over random shapes, strides, kernel sizes, TF-"same"
+//! 1x1 `conv2d`, the dense stem convolution against `conv2d` and a transpose, over random shapes, strides, kernel sizes, TF-"same"
 //! paddings of odd and even sizes, and batch sizes.
 
 use candle_core::{Device, Result, Tensor};
+use model_server::kernels::dense::Dense;
 use model_server::kernels::depthwise::Depthwise;
 use model_server::kernels::pointwise::Pointwise;
 
@@ -210,4 +211,48 @@ fn pointwise_leaves_its_residual_untouched() {
         .and_then(|r| r.to_vec1::<f32>())
         .expect("vec");
     assert_eq!(before, after);
+}
+
+#[test]
+fn dense_matches_conv2d_then_nhwc() {
+    for (i, batch) in [1, 3].into_iter().enumerate() {
+        for (j, &(h, w)) in SIZES.iter().enumerate() {
+            for (kernel, stride) in [(3, 2), (3, 1), (5, 2)] {
+                let cin = [3, 1, 4][(i + j) % 3];
+                let cout = CHANNELS[(i + j) % CHANNELS.len()];
+                let x = randn(&[batch, cin, h, w]);
+                let weight = randn(&[cout, cin, kernel, kernel]);
+                let got = Dense::new(&weight, stride)
+                    .and_then(|op| x.apply_op1_no_bwd(&op))
+                    .expect("dense");
+                let (top, bottom) = tf_same(h, kernel, stride);
+                let (left, right) = tf_same(w, kernel, stride);
+                let want = x
+                    .pad_with_zeros(2, top, bottom)
+                    .and_then(|x| x.pad_with_zeros(3, left, right))
+                    .and_then(|x| x.conv2d(&weight, 0, stride, 1, 1))
+                    .and_then(|y| y.permute((0, 2, 3, 1)))
+                    .expect("reference");
+                assert_eq!(
+                    got.dims(),
+                    want.dims(),
+                    "n{batch} {h}x{w} k{kernel} s{stride}"
+                );
+                let diff = max_abs_diff(&got, &want);
+                assert!(
+                    diff <= TOLERANCE,
+                    "n{batch} {h}x{w} {cin}->{cout} k{kernel} s{stride}: max abs diff {diff}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_refuses_mismatched_channels() {
+    let op = Dense::new(&randn(&[8, 3, 3, 3]), 2).expect("op");
+    let err = randn(&[1, 4, 8, 8])
+        .apply_op1_no_bwd(&op)
+        .expect_err("4 channels into a 3-channel convolution");
+    assert!(err.to_string().contains("channels"), "{err}");
 }

@@ -6,9 +6,52 @@
 //! caller installed (the server's inference pool). On other devices they fall
 //! back to candle's own operations.
 
+pub mod dense;
 pub mod depthwise;
 pub mod epilogue;
 pub mod pointwise;
+
+/// `lhs [m, k] x rhs [k, n]`, both row-major, into a new row-major vector,
+/// split over the current rayon pool. The output is written once, never
+/// zeroed first.
+fn gemm_into_new(lhs: &[f32], rhs: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    assert!(
+        k > 0 && lhs.len() == m * k && rhs.len() == k * n,
+        "gemm: [{m}, {k}] x [{k}, {n}] does not match buffers of {} and {}",
+        lhs.len(),
+        rhs.len()
+    );
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    let (cols, k_stride) = (n as isize, k as isize);
+    // SAFETY: the assert above bounds every read of `lhs` and `rhs`; `out` has
+    // room for m x n values, and with `read_dst` false gemm reads none of them
+    // and writes every one (k > 0), so all are initialised before `set_len`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            cols,
+            false,
+            lhs.as_ptr(),
+            1,
+            k_stride,
+            rhs.as_ptr(),
+            1,
+            cols,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+        out.set_len(m * n);
+    }
+    out
+}
 
 /// TensorFlow "same" padding for one spatial dimension: the output is
 /// ceil(size / stride) and any odd padding goes after, not before.

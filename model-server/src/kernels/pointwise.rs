@@ -1,16 +1,18 @@
 //! 1x1 convolution over NHWC activations: with channels last, every pixel of
 //! the batch is a row, so the layer is one `[N*H*W, Cin] x [Cin, Cout]` GEMM
-//! on candle's matmul followed by an in-place bias/ReLU6/residual pass.
+//! followed by an in-place bias/ReLU6/residual pass.
 
-use candle_core::{DType, Result, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, bail};
 
 use super::epilogue::Epilogue;
+use super::gemm_into_new;
 
 /// A pointwise convolution with its (folded) bias.
 #[derive(Debug, Clone)]
 pub struct Pointwise {
     /// `[Cin, Cout]`, contiguous, so the GEMM reads it row by row.
     weight: Tensor,
+    gemm: Gemm,
     epilogue: Epilogue,
 }
 
@@ -33,7 +35,12 @@ impl Pointwise {
                 epilogue.channels()
             );
         }
-        Ok(Self { weight, epilogue })
+        let gemm = Gemm::new(&weight)?;
+        Ok(Self {
+            weight,
+            gemm,
+            epilogue,
+        })
     }
 
     /// `[N, H, W, Cin]` in, `[N, H, W, Cout]` out; `residual` (shaped like
@@ -41,10 +48,58 @@ impl Pointwise {
     pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let (n, h, w, cin) = x.dims4()?;
         let cout = self.weight.dim(1)?;
-        let y = x.reshape((n * h * w, cin))?.matmul(&self.weight)?;
+        let rows = x.reshape((n * h * w, cin))?;
+        let y = if rows.device().is_cpu() && rows.dtype() == DType::F32 {
+            rows.contiguous()?.apply_op1_no_bwd(&self.gemm)?
+        } else {
+            rows.matmul(&self.weight)?
+        };
         let residual = residual.map(|r| r.reshape((n * h * w, cout))).transpose()?;
         self.epilogue
             .apply(y, residual.as_ref())?
             .reshape((n, h, w, cout))
+    }
+}
+
+/// `[M, K] x [K, N]` on the CPU with the weight held as a plain vector.
+///
+/// candle's matmul does the same GEMM but asks the OS for the CPU count on
+/// every call (about 5 ms per batch-1 forward pass here) and zeroes its output
+/// first; this writes the output once, on the caller's rayon pool.
+#[derive(Debug, Clone)]
+pub struct Gemm {
+    /// `[K, N]` row-major.
+    weight: Vec<f32>,
+    k: usize,
+    n: usize,
+}
+
+impl Gemm {
+    /// From a contiguous `[K, N]` weight.
+    pub fn new(weight: &Tensor) -> Result<Self> {
+        let (k, n) = weight.dims2()?;
+        let weight = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        Ok(Self { weight, k, n })
+    }
+}
+
+impl CustomOp1 for Gemm {
+    fn name(&self) -> &'static str {
+        "gemm-f32"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            bail!("gemm: f32 input only")
+        };
+        let (m, k) = layout.shape().dims2()?;
+        if k != self.k {
+            bail!("gemm: input has {k} columns, weight {} rows", self.k);
+        }
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("gemm: input must be contiguous")
+        };
+        let out = gemm_into_new(&data[start..end], &self.weight, m, k, self.n);
+        Ok((CpuStorage::F32(out), Shape::from((m, self.n))))
     }
 }
