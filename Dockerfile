@@ -50,10 +50,13 @@ COPY Cargo.toml Cargo.lock ./
 COPY proto proto
 COPY model-server/Cargo.toml model-server/
 COPY gateway/Cargo.toml gateway/
-RUN mkdir -p model-server/src/bin model-server/benches gateway/src \
-    && for f in model-server/src/main.rs model-server/src/bin/make-model-repository.rs gateway/src/main.rs; do \
+# loadtest is in the workspace but not in any image: its manifest and stub sources only let cargo load the workspace.
+COPY loadtest/Cargo.toml loadtest/
+RUN mkdir -p model-server/src/bin model-server/benches gateway/src loadtest/src \
+    && for f in model-server/src/main.rs model-server/src/bin/make-model-repository.rs gateway/src/main.rs \
+         loadtest/src/main.rs; do \
          echo 'fn main() {}' > "$f"; done \
-    && touch model-server/src/lib.rs model-server/benches/inference.rs gateway/src/lib.rs \
+    && touch model-server/src/lib.rs model-server/benches/inference.rs gateway/src/lib.rs loadtest/src/lib.rs \
     && cargo build --release --locked -p model-server -p gateway
 COPY model-server model-server
 COPY gateway gateway

@@ -180,7 +180,7 @@ def main():
     add("| what | value |")
     add("| --- | --- |")
     cold = load("cold-start.json")
-    add(f"| model server: start to ready (`/v2/health/ready`), model loaded and warmed up | "
+    add(f"| model server: start to ready (gRPC health SERVING: model loaded and warmed up) | "
         f"{cold['cold_start_ms'] if cold else 'n/a'} ms |")
     for name, label in (("rss-model-server-off.json", "model server peak RSS, gRPC runs, batching off"),
                         ("rss-model-server-on.json", "model server peak RSS, gRPC runs, batching on"),

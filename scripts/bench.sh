@@ -114,17 +114,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts a model server with the given extra flags; sets ms_pid, ms_grpc, ms_ready_ms.
+# Starts a model server with the given extra flags; sets ms_pid, ms_grpc, ms_ready_ms (start to SERVING).
 start_model_server() {
-    local grpc http started
-    grpc="$(free_port)" http="$(free_port)"
+    local grpc started
+    grpc="$(free_port)"
     started="$(date +%s%N)"
     "$bin_dir/model-server" --model-repository "$MODEL_REPOSITORY" --grpc-addr "127.0.0.1:$grpc" \
-        --http-addr "127.0.0.1:$http" --threads "$threads" "$@" >>"$work/model-server.log" 2>&1 &
+        --threads "$threads" "$@" >>"$work/model-server.log" 2>&1 &
     ms_pid=$!
     pids+=("$ms_pid")
     for _ in $(seq 1 3000); do
-        if curl -fsS "http://127.0.0.1:$http/v2/health/ready" >/dev/null 2>&1; then
+        # The server's own probe (grpc.health.v1): SERVING once the model is loaded and warmed up.
+        if "$bin_dir/model-server" healthcheck --addr "127.0.0.1:$grpc" --timeout-secs 1 >/dev/null 2>&1; then
             ms_ready_ms=$((($(date +%s%N) - started) / 1000000))
             ms_grpc="http://127.0.0.1:$grpc"
             return 0

@@ -45,6 +45,11 @@ export OIP_PYTHON="$root/.venv/bin/python"
 say "running cargo test"
 cargo test --workspace --locked "$@"
 
+# The benchmark script end to end in seconds, on the binaries just tested: it proves the script and the load
+# generator work together; its numbers are thrown away and nothing is asserted about speed.
+say "running scripts/bench.sh --smoke"
+scripts/bench.sh --smoke
+
 if command -v kubectl >/dev/null 2>&1; then
     say "checking the Kubernetes manifests"
     .venv/bin/python scripts/check-k8s.py

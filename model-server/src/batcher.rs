@@ -1,9 +1,10 @@
 //! A bounded queue in front of each model version and the OS thread that
-//! drains it: requests already waiting when the model becomes free are run
-//! together as one batch, on the inference thread pool.
+//! drains it. Requests waiting when the model becomes free run together as
+//! one batch, on the inference thread pool; with a queue delay, a batch that
+//! is not full waits up to that long after its oldest request for more.
 
-use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -45,6 +46,122 @@ struct Job {
     span: tracing::Span,
 }
 
+/// What the batching thread should do next.
+#[derive(Debug)]
+enum Next {
+    /// Run these jobs as one batch.
+    Run(Vec<Job>),
+    /// A batch could still grow: wait for more requests until then.
+    WaitUntil(Instant),
+    /// Nothing is queued.
+    Idle,
+}
+
+/// The queued requests of one model version and the batching policy over
+/// them, kept free of threads and channels so the policy is tested directly.
+#[derive(Debug)]
+struct State {
+    jobs: VecDeque<Job>,
+    capacity: usize,
+    max_batch: usize,
+    max_delay: Duration,
+    closed: bool,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("batch", &self.request.batch).finish()
+    }
+}
+
+impl State {
+    fn new(capacity: usize, max_batch: usize, max_delay: Duration) -> Self {
+        Self {
+            jobs: VecDeque::new(),
+            capacity,
+            max_batch,
+            max_delay,
+            closed: false,
+        }
+    }
+
+    /// Queues a job, or hands it back when the queue is full.
+    fn append(&mut self, job: Job) -> Result<(), Job> {
+        if self.jobs.len() >= self.capacity {
+            return Err(job);
+        }
+        self.jobs.push_back(job);
+        Ok(())
+    }
+
+    /// Takes the next batch: the oldest requests, in order, whose images fit
+    /// in one execution (a request is never split). It runs at once when it
+    /// cannot grow any more (full, or the next request does not fit), and
+    /// otherwise once its oldest request has waited the queue delay. Requests
+    /// whose caller went away (gone, or past its deadline, which cancels the
+    /// call) are dropped here, before any compute is spent on them.
+    fn next_batch(&mut self, now: Instant) -> Next {
+        self.jobs.retain(|job| {
+            let gone = job.reply.is_closed();
+            if gone {
+                tracing::debug!(parent: &job.span, "caller went away before inference; dropped");
+            }
+            !gone
+        });
+        let Some(oldest) = self.jobs.front() else {
+            return Next::Idle;
+        };
+        let mut images = 0;
+        let mut count = 0;
+        for job in &self.jobs {
+            if images + job.request.batch > self.max_batch {
+                break;
+            }
+            images += job.request.batch;
+            count += 1;
+        }
+        let can_grow = images < self.max_batch && count == self.jobs.len();
+        let due = oldest.enqueued + self.max_delay;
+        if can_grow && now < due && !self.closed {
+            return Next::WaitUntil(due);
+        }
+        // A request larger than a whole batch cannot happen (requests are
+        // checked against max_batch_size); run it alone rather than stall.
+        Next::Run(self.jobs.drain(..count.max(1)).collect())
+    }
+
+    fn depth(&self) -> usize {
+        self.jobs.len()
+    }
+}
+
+/// The queue shared by the handles and the batching thread.
+struct Queue {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves a consistent VecDeque behind.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Closes the queue when the last handle goes, so the thread can finish.
+struct Handle {
+    queue: Arc<Queue>,
+    name: Arc<str>,
+    stats: Arc<Stats>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.changed.notify_all();
+    }
+}
+
 /// What the batching thread needs to know about its model.
 pub struct ModelSpec {
     pub name: String,
@@ -53,14 +170,14 @@ pub struct ModelSpec {
     pub normalisation: Normalisation,
     pub num_classes: usize,
     pub max_batch_size: usize,
+    /// How long a batch that is not full may wait for more requests.
+    pub max_queue_delay: Duration,
 }
 
 /// Cloneable handle that submits requests to one model version's queue.
 #[derive(Clone)]
 pub struct Batcher {
-    tx: SyncSender<Job>,
-    name: Arc<str>,
-    stats: Arc<Stats>,
+    handle: Arc<Handle>,
 }
 
 impl Batcher {
@@ -73,7 +190,14 @@ impl Batcher {
         queue_size: usize,
         stats: Arc<Stats>,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = sync_channel(queue_size);
+        let queue = Arc::new(Queue {
+            state: Mutex::new(State::new(
+                queue_size,
+                spec.max_batch_size,
+                spec.max_queue_delay,
+            )),
+            changed: Condvar::new(),
+        });
         let name: Arc<str> = Arc::from(spec.name.as_str());
         let worker = Worker {
             spec,
@@ -81,10 +205,13 @@ impl Batcher {
             pool,
             stats: stats.clone(),
         };
+        let thread_queue = queue.clone();
         std::thread::Builder::new()
             .name(format!("batcher-{name}"))
-            .spawn(move || worker.run(rx))?;
-        Ok(Self { tx, name, stats })
+            .spawn(move || worker.run(&thread_queue))?;
+        Ok(Self {
+            handle: Arc::new(Handle { queue, name, stats }),
+        })
     }
 
     /// Queues a request and waits for its result. A full queue is refused at
@@ -97,11 +224,17 @@ impl Batcher {
             enqueued: Instant::now(),
             span: tracing::Span::current(),
         };
-        match self.tx.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(InferError::QueueFull(self.name.to_string())),
-            Err(TrySendError::Disconnected(_)) => return Err(InferError::ShuttingDown),
+        let queue = &self.handle.queue;
+        {
+            let mut state = queue.lock();
+            if state.closed {
+                return Err(InferError::ShuttingDown);
+            }
+            if state.append(job).is_err() {
+                return Err(InferError::QueueFull(self.handle.name.to_string()));
+            }
         }
+        queue.changed.notify_one();
         rx.instrument(tracing::debug_span!("queued"))
             .await
             .map_err(|_| InferError::ShuttingDown)?
@@ -109,7 +242,12 @@ impl Batcher {
 
     /// Statistics of this model version.
     pub fn stats(&self) -> &Arc<Stats> {
-        &self.stats
+        &self.handle.stats
+    }
+
+    /// Requests waiting for the model now.
+    pub fn queue_depth(&self) -> usize {
+        self.handle.queue.lock().depth()
     }
 }
 
@@ -121,43 +259,34 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(self, rx: Receiver<Job>) {
-        let mut carried: Option<Job> = None;
+    /// Runs batches until the queue is closed and empty.
+    fn run(self, queue: &Queue) {
+        let mut state = queue.lock();
         loop {
-            let first = match carried.take() {
-                Some(job) => job,
-                None => match rx.recv() {
-                    Ok(job) => job,
-                    Err(_) => return,
-                },
-            };
-            let mut jobs = Vec::new();
-            let mut images = 0;
-            self.admit(first, &mut jobs, &mut images);
-            while images < self.spec.max_batch_size {
-                match rx.try_recv() {
-                    Ok(job) if images + job.request.batch > self.spec.max_batch_size => {
-                        carried = Some(job);
-                        break;
-                    }
-                    Ok(job) => self.admit(job, &mut jobs, &mut images),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            match state.next_batch(Instant::now()) {
+                Next::Run(jobs) => {
+                    drop(state);
+                    let images = jobs.iter().map(|j| j.request.batch).sum();
+                    self.execute(jobs, images);
+                    state = queue.lock();
+                }
+                Next::WaitUntil(due) => {
+                    let wait = due.saturating_duration_since(Instant::now());
+                    state = queue
+                        .changed
+                        .wait_timeout(state, wait)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0;
+                }
+                Next::Idle if state.closed => return,
+                Next::Idle => {
+                    state = queue
+                        .changed
+                        .wait(state)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
                 }
             }
-            if !jobs.is_empty() {
-                self.execute(jobs, images);
-            }
         }
-    }
-
-    /// Adds a job to the batch unless its caller has already gone away.
-    fn admit(&self, job: Job, jobs: &mut Vec<Job>, images: &mut usize) {
-        if job.reply.is_closed() {
-            tracing::debug!(parent: &job.span, "caller went away before inference; dropped");
-            return;
-        }
-        *images += job.request.batch;
-        jobs.push(job);
     }
 
     fn execute(&self, jobs: Vec<Job>, images: usize) {
@@ -277,5 +406,134 @@ pub async fn warm_up(batcher: &Batcher, input: InputSize) -> Result<(), InferErr
         Err(_) => Err(InferError::Backend(BackendError::Inference(
             "warm-up timed out".into(),
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Reply = oneshot::Receiver<Result<Response, InferError>>;
+
+    fn job(batch: usize, enqueued: Instant) -> (Job, Reply) {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            request: Request {
+                batch,
+                images: Images::Pixels(Vec::new()),
+            },
+            reply,
+            enqueued,
+            span: tracing::Span::none(),
+        };
+        (job, rx)
+    }
+
+    /// Queues jobs of these sizes, all enqueued at `at`; keeps their receivers alive.
+    fn queue(state: &mut State, sizes: &[usize], at: Instant) -> Vec<Reply> {
+        sizes
+            .iter()
+            .map(|&n| {
+                let (j, rx) = job(n, at);
+                assert!(state.append(j).is_ok());
+                rx
+            })
+            .collect()
+    }
+
+    fn sizes(next: Next) -> Vec<usize> {
+        match next {
+            Next::Run(jobs) => jobs.iter().map(|j| j.request.batch).collect(),
+            other => panic!("expected a batch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_empty_queue_is_idle() {
+        let mut state = State::new(8, 4, Duration::ZERO);
+        assert!(matches!(state.next_batch(Instant::now()), Next::Idle));
+    }
+
+    #[test]
+    fn without_delay_whatever_waits_runs_at_once() {
+        let now = Instant::now();
+        let mut state = State::new(8, 4, Duration::ZERO);
+        let _rx = queue(&mut state, &[1], now);
+        assert_eq!(sizes(state.next_batch(now)), [1]);
+    }
+
+    #[test]
+    fn fills_up_to_the_max_batch_in_arrival_order() {
+        let now = Instant::now();
+        let mut state = State::new(16, 4, Duration::ZERO);
+        let _rx = queue(&mut state, &[1, 2, 1, 3], now);
+        assert_eq!(sizes(state.next_batch(now)), [1, 2, 1]);
+        assert_eq!(sizes(state.next_batch(now)), [3]);
+        assert!(matches!(state.next_batch(now), Next::Idle));
+    }
+
+    #[test]
+    fn never_splits_a_request_and_never_jumps_the_queue() {
+        let now = Instant::now();
+        let mut state = State::new(16, 4, Duration::from_secs(60));
+        // 3 + 2 does not fit: the 2 waits for the next batch, and the 1 behind it
+        // does not overtake it even though it would fit.
+        let _rx = queue(&mut state, &[3, 2, 1], now);
+        assert_eq!(sizes(state.next_batch(now)), [3]);
+        assert_eq!(state.depth(), 2);
+    }
+
+    #[test]
+    fn a_batch_that_can_grow_waits_for_the_delay_of_its_oldest_request() {
+        let start = Instant::now();
+        let delay = Duration::from_millis(5);
+        let mut state = State::new(16, 4, delay);
+        let _a = queue(&mut state, &[1], start);
+        let _b = queue(&mut state, &[1], start + Duration::from_millis(3));
+        match state.next_batch(start + Duration::from_millis(4)) {
+            Next::WaitUntil(due) => assert_eq!(due, start + delay),
+            other => panic!("expected to wait, got {other:?}"),
+        }
+        assert_eq!(sizes(state.next_batch(start + delay)), [1, 1]);
+    }
+
+    #[test]
+    fn a_full_batch_runs_without_waiting_for_the_delay() {
+        let now = Instant::now();
+        let mut state = State::new(16, 4, Duration::from_secs(60));
+        let _rx = queue(&mut state, &[2, 2, 1], now);
+        assert_eq!(sizes(state.next_batch(now)), [2, 2]);
+        // The 1 left over can still grow: it waits.
+        assert!(matches!(state.next_batch(now), Next::WaitUntil(_)));
+    }
+
+    #[test]
+    fn drops_requests_whose_caller_went_away() {
+        let now = Instant::now();
+        let mut state = State::new(16, 4, Duration::ZERO);
+        let mut replies = queue(&mut state, &[1, 2, 1], now);
+        // The 2's caller gives up (a cancelled call or an expired deadline drops its receiver).
+        drop(replies.remove(1));
+        assert_eq!(sizes(state.next_batch(now)), [1, 1]);
+        assert!(matches!(state.next_batch(now), Next::Idle));
+    }
+
+    #[test]
+    fn refuses_beyond_its_capacity() {
+        let now = Instant::now();
+        let mut state = State::new(2, 4, Duration::ZERO);
+        let _rx = queue(&mut state, &[1, 1], now);
+        let (extra, _extra_rx) = job(1, now);
+        assert!(state.append(extra).is_err());
+        assert_eq!(state.depth(), 2);
+    }
+
+    #[test]
+    fn a_closed_queue_runs_what_is_left_without_waiting() {
+        let now = Instant::now();
+        let mut state = State::new(16, 4, Duration::from_secs(60));
+        let _rx = queue(&mut state, &[1], now);
+        state.closed = true;
+        assert_eq!(sizes(state.next_batch(now)), [1]);
     }
 }

@@ -59,6 +59,7 @@ pub async fn serve(
         pool: Arc::new(pool),
         device: Device::Cpu,
         max_batch_size: config.max_batch_size,
+        max_queue_delay: std::time::Duration::from_micros(config.max_queue_delay_us),
         queue_size: config.max_queue_size,
     };
     let loader = {

@@ -76,6 +76,7 @@ pub struct LoadOptions {
     pub pool: Arc<rayon::ThreadPool>,
     pub device: Device,
     pub max_batch_size: usize,
+    pub max_queue_delay: std::time::Duration,
     pub queue_size: usize,
 }
 
@@ -187,6 +188,7 @@ async fn load(slot: &Slot, opts: &LoadOptions) -> Result<Loaded, InferError> {
         normalisation: config.normalisation,
         num_classes: config.num_classes,
         max_batch_size: opts.max_batch_size,
+        max_queue_delay: opts.max_queue_delay,
     };
     let batcher = Batcher::spawn(
         spec,

@@ -598,3 +598,66 @@ async fn a_queued_call_whose_deadline_passes_is_dropped_without_running() {
     assert_eq!(stats.model_stats[0].execution_count, 1, "{stats:?}");
     server.stop().await;
 }
+
+/// Batch-size counts of the model's statistics: `(batch size, executions)`.
+async fn batch_counts(
+    client: &mut oip_proto::GrpcInferenceServiceClient<tonic::transport::Channel>,
+) -> Vec<(u64, u64)> {
+    let stats = client
+        .model_statistics(ModelStatisticsRequest {
+            name: MODEL.into(),
+            version: String::new(),
+        })
+        .await
+        .expect("statistics")
+        .into_inner();
+    let mut counts: Vec<(u64, u64)> = stats.model_stats[0]
+        .batch_stats
+        .iter()
+        .map(|b| (b.batch_size, b.compute_infer.as_ref().map_or(0, |d| d.count)))
+        .collect();
+    counts.sort();
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_arriving_within_the_queue_delay_run_as_one_batch_with_unbatched_results() {
+    // One second is far longer than four concurrent calls take to arrive, and a full batch does not wait for it.
+    let server = TestServer::start(&["--max-batch-size", "4", "--max-queue-delay", "1000000"]).await;
+    let client = server.client().await;
+    let calls = PHOTOS.iter().map(|(name, _)| {
+        let mut c = client.clone();
+        let pixels = golden_pixels(name);
+        tokio::spawn(async move {
+            let response = c
+                .model_infer(pixels_request(pixels, 1, vec![output("logits")]))
+                .await
+                .expect("batched call")
+                .into_inner();
+            f32s(&response.raw_output_contents[0])
+        })
+    });
+    let batched: Vec<Vec<f32>> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    let mut client = client.clone();
+    assert_eq!(batch_counts(&mut client).await, [(4, 1)], "the four calls were not one batch");
+
+    // The same photos one at a time: each runs alone once its delay is over.
+    for ((name, _), batched) in PHOTOS.iter().zip(&batched) {
+        let single = client
+            .model_infer(pixels_request(golden_pixels(name), 1, vec![output("logits")]))
+            .await
+            .expect("single call")
+            .into_inner();
+        let single = f32s(&single.raw_output_contents[0]);
+        assert!(
+            max_abs_diff(&single, batched) <= 5e-5,
+            "{name}: batched result differs from the unbatched one"
+        );
+    }
+    assert_eq!(batch_counts(&mut client).await, [(1, 4), (4, 1)]);
+    server.stop().await;
+}
