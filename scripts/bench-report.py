@@ -144,6 +144,24 @@ def main():
         add(f"At concurrency 16, batching on gives {on['throughput_rps'] / off['throughput_rps']:.2f}x the "
             f"throughput of batching off (p99 {fmt(latency(on, 'p99'))} ms on, {fmt(latency(off, 'p99'))} ms off).")
         add("")
+    # What batching could give at most on this machine, from part 1: with every core busy, throughput is bounded
+    # by how fast a batch computes per image.
+    b1, b8 = compute_row(load("compute-ours-t2.json"), 1), compute_row(load("compute-ours-t2.json"), 8)
+    s1 = compute_row(load("compute-ours-t1.json"), 1)
+    r1, r8 = compute_row(load("compute-ort-t2.json"), 1), compute_row(load("compute-ort-t2.json"), 8)
+    if b1 and b8 and s1:
+        ceiling = 2 * s1["images_per_s"]
+        text = (f"What batching can add is bounded by the compute itself: with 2 threads, batch 8 runs at "
+                f"{b8['images_per_s']:.1f} img/s and batch 1 at {b1['images_per_s']:.1f} img/s "
+                f"({b8['images_per_s'] / b1['images_per_s']:.2f}x); even two single-threaded batch-1 runs side by "
+                f"side with perfect scaling would give {ceiling:.1f} img/s, "
+                f"{ceiling / b1['images_per_s']:.2f}x batch 1 on 2 threads.")
+        if r1 and r8:
+            text += (f" onnxruntime shows the same: batch 8 at {r8['images_per_s']:.1f} img/s against batch 1 at "
+                     f"{r1['images_per_s']:.1f} ({r8['images_per_s'] / r1['images_per_s']:.2f}x).")
+        add(text + " On 2 cores one image already keeps both busy, so batching cannot raise throughput much here; "
+            "its gains belong to GPUs and to many-core CPUs, where one image cannot keep every core busy.")
+        add("")
 
     # 3. stack
     add("## 3. Gateway and model server together")

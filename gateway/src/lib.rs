@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -90,6 +91,10 @@ pub async fn run(
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
     let (began, draining) = tokio::sync::oneshot::channel::<()>();
     let flag = state.draining.clone();
+    // Small JSON answers must not wait for the client's delayed ACK (Nagle), about 40 ms.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let serve = axum::serve(listener, app(state))
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -87,7 +87,11 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct Gateway {
     /// Base URL of the gateway.
-    #[arg(long, env = "LOADTEST_GATEWAY", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "LOADTEST_GATEWAY",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub gateway: String,
 }
 
@@ -136,7 +140,9 @@ impl LoadArgs {
 /// `500ms`, `30s`, `2m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let value: f64 = number
         .parse()
@@ -146,7 +152,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("unknown unit {unit:?} in {text:?} (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {text:?} (use ms, s, m or h)"
+            ));
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }

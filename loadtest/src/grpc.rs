@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use oip_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use oip_proto::inference::infer_parameter::ParameterChoice;
 use oip_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use oip_proto::inference::{InferParameter, ModelInferRequest, ModelMetadataRequest};
-use oip_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tonic::transport::Channel;
 
 use crate::error::LoadError;
@@ -36,22 +36,38 @@ pub async fn prepare(
             version: version.to_owned(),
         })
         .await
-        .map_err(|s| LoadError::Target(format!("model metadata of {model}: {}: {}", s.code(), s.message())))?
+        .map_err(|s| {
+            LoadError::Target(format!(
+                "model metadata of {model}: {}: {}",
+                s.code(),
+                s.message()
+            ))
+        })?
         .into_inner();
     let input = metadata
         .inputs
         .iter()
-        .find(|t| t.datatype == "UINT8" && t.shape.len() == 4 && t.shape[3] == 3 && t.shape[1] > 0 && t.shape[2] > 0)
+        .find(|t| {
+            t.datatype == "UINT8"
+                && t.shape.len() == 4
+                && t.shape[3] == 3
+                && t.shape[1] > 0
+                && t.shape[2] > 0
+        })
         .ok_or_else(|| {
-            LoadError::Target(format!("model {model} has no UINT8 input of shape [-1, height, width, 3]"))
+            LoadError::Target(format!(
+                "model {model} has no UINT8 input of shape [-1, height, width, 3]"
+            ))
         })?;
     let output = metadata
         .outputs
         .first()
         .ok_or_else(|| LoadError::Target(format!("model {model} declares no output")))?;
     let (height, width) = (
-        u32::try_from(input.shape[1]).map_err(|_| LoadError::Target("input height out of range".into()))?,
-        u32::try_from(input.shape[2]).map_err(|_| LoadError::Target("input width out of range".into()))?,
+        u32::try_from(input.shape[1])
+            .map_err(|_| LoadError::Target("input height out of range".into()))?,
+        u32::try_from(input.shape[2])
+            .map_err(|_| LoadError::Target("input width out of range".into()))?,
     );
     let pixels = image::open(image)
         .map_err(|e| LoadError::Input(format!("cannot read image {}: {e}", image.display())))?

@@ -70,7 +70,11 @@ pub async fn execute(command: Command) -> Result<(Report, bool), LoadError> {
             let label = format!("POST {url} by URL, {} image(s)", image_urls.len());
             http(requests, &load, label).await
         }
-        Command::PredictUpload { gateway, images, load } => {
+        Command::PredictUpload {
+            gateway,
+            images,
+            load,
+        } => {
             let url = join(&gateway.gateway, "predict")?;
             let files = serve::image_files(&images)?;
             let requests = files
@@ -98,8 +102,10 @@ pub async fn execute(command: Command) -> Result<(Report, bool), LoadError> {
             let mut client = GrpcInferenceServiceClient::new(channel)
                 .max_decoding_message_size(64 * 1024 * 1024)
                 .max_encoding_message_size(64 * 1024 * 1024);
-            let batch = usize::try_from(batch).map_err(|_| LoadError::Input("--batch too large".into()))?;
-            let prepared = grpc::prepare(&mut client, &model, &model_version, &image, batch).await?;
+            let batch =
+                usize::try_from(batch).map_err(|_| LoadError::Input("--batch too large".into()))?;
+            let prepared =
+                grpc::prepare(&mut client, &model, &model_version, &image, batch).await?;
             let target = Target::Grpc {
                 client,
                 request: Arc::new(prepared.request),
@@ -122,14 +128,19 @@ impl Drop for AbortOnDrop {
 }
 
 fn join(base: &str, path: &str) -> Result<reqwest::Url, LoadError> {
-    let base = if base.ends_with('/') { base.to_owned() } else { format!("{base}/") };
+    let base = if base.ends_with('/') {
+        base.to_owned()
+    } else {
+        format!("{base}/")
+    };
     reqwest::Url::parse(&base)
         .and_then(|b| b.join(path))
         .map_err(|e| LoadError::Input(format!("bad gateway URL {base:?}: {e}")))
 }
 
 fn upload(url: reqwest::Url, path: &Path) -> Result<HttpRequest, LoadError> {
-    let data = std::fs::read(path).map_err(|e| LoadError::Input(format!("cannot read {}: {e}", path.display())))?;
+    let data = std::fs::read(path)
+        .map_err(|e| LoadError::Input(format!("cannot read {}: {e}", path.display())))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("image");
     let (content_type, body) = target::multipart_body("image", name, &data);
     Ok(HttpRequest {
@@ -140,7 +151,11 @@ fn upload(url: reqwest::Url, path: &Path) -> Result<HttpRequest, LoadError> {
     })
 }
 
-async fn http(requests: Vec<HttpRequest>, load: &LoadArgs, label: String) -> Result<(Report, bool), LoadError> {
+async fn http(
+    requests: Vec<HttpRequest>,
+    load: &LoadArgs,
+    label: String,
+) -> Result<(Report, bool), LoadError> {
     let plan = load.plan();
     // https URLs need a TLS provider; a second install (tests) is refused harmlessly.
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -31,7 +31,9 @@ fn histogram() -> Histogram<u64> {
 }
 
 fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(MAX_MICROS).clamp(1, MAX_MICROS)
+    u64::try_from(d.as_micros())
+        .unwrap_or(MAX_MICROS)
+        .clamp(1, MAX_MICROS)
 }
 
 /// Counts and latencies of the requests one worker finished inside the measured window.
@@ -228,15 +230,35 @@ impl fmt::Display for Report {
                 "Load:                   open loop, {rate} req/s, at most {} outstanding",
                 self.concurrency
             )?,
-            None => writeln!(f, "Load:                   closed loop, {} workers", self.concurrency)?,
+            None => writeln!(
+                f,
+                "Load:                   closed loop, {} workers",
+                self.concurrency
+            )?,
         }
         writeln!(f, "Transactions:           {:>12} hits", self.transactions)?;
-        writeln!(f, "Availability:           {:>12.2} %", self.availability_pct)?;
+        writeln!(
+            f,
+            "Availability:           {:>12.2} %",
+            self.availability_pct
+        )?;
         writeln!(f, "Elapsed time:           {:>12.2} secs", self.elapsed_s)?;
-        writeln!(f, "Data transferred:       {:>12.2} MB", self.bytes_received as f64 / 1e6)?;
+        writeln!(
+            f,
+            "Data transferred:       {:>12.2} MB",
+            self.bytes_received as f64 / 1e6
+        )?;
         writeln!(f, "Response time:          {:>12.2} ms (mean)", l.mean)?;
-        writeln!(f, "Transaction rate:       {:>12.2} trans/sec", self.throughput_rps)?;
-        writeln!(f, "Throughput:             {:>12.2} MB/sec", self.throughput_mb_s)?;
+        writeln!(
+            f,
+            "Transaction rate:       {:>12.2} trans/sec",
+            self.throughput_rps
+        )?;
+        writeln!(
+            f,
+            "Throughput:             {:>12.2} MB/sec",
+            self.throughput_mb_s
+        )?;
         writeln!(f, "Concurrency:            {:>12.2}", self.mean_in_flight)?;
         writeln!(f, "Successful transactions:{:>12}", self.successful)?;
         writeln!(f, "Failed transactions:    {:>12}", self.failed)?;
@@ -246,7 +268,11 @@ impl fmt::Display for Report {
             l.min, l.p50, l.p90, l.p99, l.p999, l.max
         )?;
         if !self.errors.is_empty() {
-            let errors: Vec<String> = self.errors.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            let errors: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
             writeln!(f, "Errors:                 {}", errors.join(", "))?;
         }
         for name in GATEWAY_PHASES {
@@ -279,12 +305,25 @@ mod tests {
         for ms in 1..=1000u64 {
             r.record(Duration::from_millis(ms), &ok(ms as f64));
         }
-        let report = r.report("t".into(), Load { concurrency: 1, rate: None }, Duration::from_secs(10));
+        let report = r.report(
+            "t".into(),
+            Load {
+                concurrency: 1,
+                rate: None,
+            },
+            Duration::from_secs(10),
+        );
         let l = &report.latency_ms;
         // HDR keeps three significant digits.
         let near = |got: f64, want: f64| (got - want).abs() <= want * 0.002 + 0.001;
-        assert!(near(l.min, 1.0) && near(l.p50, 500.0) && near(l.p90, 900.0), "{l:?}");
-        assert!(near(l.p99, 990.0) && near(l.p999, 999.0) && near(l.max, 1000.0), "{l:?}");
+        assert!(
+            near(l.min, 1.0) && near(l.p50, 500.0) && near(l.p90, 900.0),
+            "{l:?}"
+        );
+        assert!(
+            near(l.p99, 990.0) && near(l.p999, 999.0) && near(l.max, 1000.0),
+            "{l:?}"
+        );
         assert!(near(l.mean, 500.5), "{l:?}");
         assert_eq!(report.transactions, 1000);
         assert!((report.throughput_rps - 100.0).abs() < 1e-9);
@@ -303,26 +342,42 @@ mod tests {
         for kind in ["http_503", "http_503", "timeout"] {
             b.record(
                 Duration::from_millis(5),
-                &Outcome::Failure { kind: kind.into(), bytes: 0 },
+                &Outcome::Failure {
+                    kind: kind.into(),
+                    bytes: 0,
+                },
             );
         }
         b.record(Duration::from_millis(5), &ok(1.0));
         a.merge(&b);
-        let report = a.report("t".into(), Load { concurrency: 2, rate: None }, Duration::from_secs(1));
+        let report = a.report(
+            "t".into(),
+            Load {
+                concurrency: 2,
+                rate: None,
+            },
+            Duration::from_secs(1),
+        );
         assert_eq!((report.successful, report.failed), (7, 3));
         assert!((report.availability_pct - 70.0).abs() < 1e-9);
         assert_eq!(report.errors.get("http_503"), Some(&2));
         assert_eq!(report.errors.get("timeout"), Some(&1));
         assert_eq!(report.bytes_received, 70);
         let text = report.to_string();
-        assert!(text.contains("Availability:") && text.contains("http_503 2"), "{text}");
+        assert!(
+            text.contains("Availability:") && text.contains("http_503 2"),
+            "{text}"
+        );
     }
 
     #[test]
     fn an_empty_run_reports_zeroes() {
         let report = Recorder::default().report(
             "t".into(),
-            Load { concurrency: 1, rate: Some(5.0) },
+            Load {
+                concurrency: 1,
+                rate: Some(5.0),
+            },
             Duration::ZERO,
         );
         assert_eq!(report.transactions, 0);

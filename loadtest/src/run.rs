@@ -60,7 +60,11 @@ impl Shared {
         if matches!(outcome, Outcome::Failure { .. }) {
             self.failed.fetch_add(1, Ordering::Relaxed);
         }
-        let us = u64::try_from(at.saturating_duration_since(window.measure_from).as_micros()).unwrap_or(u64::MAX);
+        let us = u64::try_from(
+            at.saturating_duration_since(window.measure_from)
+                .as_micros(),
+        )
+        .unwrap_or(u64::MAX);
         self.last_done_us.fetch_max(us, Ordering::Relaxed);
     }
 }
@@ -97,7 +101,10 @@ pub async fn run(target: Target, plan: Plan, label: String) -> Report {
     // A run cut short by `--requests` lasted until its last answer; one that ran its time, at least that time.
     let elapsed = if recorder.transactions() == 0 {
         Duration::ZERO
-    } else if plan.requests.is_some_and(|max| recorder.transactions() >= max) {
+    } else if plan
+        .requests
+        .is_some_and(|max| recorder.transactions() >= max)
+    {
         last
     } else {
         last.max(plan.duration)
@@ -109,10 +116,16 @@ pub async fn run(target: Target, plan: Plan, label: String) -> Report {
     recorder.report(label, load, elapsed)
 }
 
-async fn closed_loop(target: &Target, plan: &Plan, shared: &Arc<Shared>, window: &Arc<Window>) -> Recorder {
+async fn closed_loop(
+    target: &Target,
+    plan: &Plan,
+    shared: &Arc<Shared>,
+    window: &Arc<Window>,
+) -> Recorder {
     let workers: Vec<_> = (0..plan.concurrency.max(1))
         .map(|_| {
-            let (target, plan, shared, window) = (target.clone(), *plan, shared.clone(), window.clone());
+            let (target, plan, shared, window) =
+                (target.clone(), *plan, shared.clone(), window.clone());
             tokio::spawn(async move {
                 let mut recorder = Recorder::default();
                 loop {
@@ -177,7 +190,12 @@ async fn open_loop(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
-        let (target, shared, window, recorder) = (target.clone(), shared.clone(), window.clone(), recorder.clone());
+        let (target, shared, window, recorder) = (
+            target.clone(),
+            shared.clone(),
+            window.clone(),
+            recorder.clone(),
+        );
         let timeout = plan.timeout;
         tasks.spawn(async move {
             let i = shared.sequence.fetch_add(1, Ordering::Relaxed);

@@ -62,7 +62,9 @@ impl Folder {
             let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .ok_or_else(|| LoadError::Input(format!("{} has no UTF-8 file name", path.display())))?
+                .ok_or_else(|| {
+                    LoadError::Input(format!("{} has no UTF-8 file name", path.display()))
+                })?
                 .to_owned();
             let data = std::fs::read(&path)
                 .map_err(|e| LoadError::Input(format!("cannot read {}: {e}", path.display())))?;
@@ -82,7 +84,10 @@ impl Folder {
     }
 
     /// Binds `addr` and serves until the task is dropped; returns the bound address.
-    pub async fn serve(self, addr: SocketAddr) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), LoadError> {
+    pub async fn serve(
+        self,
+        addr: SocketAddr,
+    ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), LoadError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| LoadError::Input(format!("cannot listen on {addr}: {e}")))?;

@@ -115,7 +115,11 @@ async fn send_grpc(
     match client.model_infer(request.clone()).await {
         Ok(response) => {
             let response = response.into_inner();
-            let bytes = response.raw_output_contents.iter().map(|c| c.len() as u64).sum();
+            let bytes = response
+                .raw_output_contents
+                .iter()
+                .map(|c| c.len() as u64)
+                .sum();
             let elements = response.outputs.first().map(|o| {
                 o.shape
                     .iter()
@@ -123,7 +127,10 @@ async fn send_grpc(
                     .product::<u64>()
             });
             if elements == Some(expected) {
-                Outcome::Success { bytes, timings: None }
+                Outcome::Success {
+                    bytes,
+                    timings: None,
+                }
             } else {
                 failure("bad_response", bytes)
             }
@@ -160,7 +167,12 @@ pub fn multipart_body(field: &str, filename: &str, data: &[u8]) -> (HeaderValue,
     const BOUNDARY: &str = "loadtest-7f3a9c2e5b1d4086a1e3c5b7d9f0e2a4";
     const CONTENT_TYPE_VALUE: &str =
         "multipart/form-data; boundary=loadtest-7f3a9c2e5b1d4086a1e3c5b7d9f0e2a4";
-    let mime = match filename.rsplit('.').next().map(str::to_ascii_lowercase).as_deref() {
+    let mime = match filename
+        .rsplit('.')
+        .next()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         Some("jpg" | "jpeg") => "image/jpeg",
         Some("png") => "image/png",
         Some("webp") => "image/webp",
@@ -168,7 +180,10 @@ pub fn multipart_body(field: &str, filename: &str, data: &[u8]) -> (HeaderValue,
         Some("bmp") => "image/bmp",
         _ => "application/octet-stream",
     };
-    let safe_name: String = filename.chars().filter(|c| *c != '"' && !c.is_control()).collect();
+    let safe_name: String = filename
+        .chars()
+        .filter(|c| *c != '"' && !c.is_control())
+        .collect();
     let mut body = Vec::with_capacity(data.len() + 256);
     body.extend_from_slice(
         format!(
@@ -179,7 +194,10 @@ pub fn multipart_body(field: &str, filename: &str, data: &[u8]) -> (HeaderValue,
     body.extend_from_slice(data);
     body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
     debug_assert!(CONTENT_TYPE_VALUE.ends_with(BOUNDARY));
-    (HeaderValue::from_static(CONTENT_TYPE_VALUE), Bytes::from(body))
+    (
+        HeaderValue::from_static(CONTENT_TYPE_VALUE),
+        Bytes::from(body),
+    )
 }
 
 #[cfg(test)]
@@ -189,8 +207,14 @@ mod tests {
     #[test]
     fn grpc_codes_become_snake_case_kinds() {
         assert_eq!(grpc_kind(tonic::Code::Unavailable), "grpc_unavailable");
-        assert_eq!(grpc_kind(tonic::Code::ResourceExhausted), "grpc_resource_exhausted");
-        assert_eq!(grpc_kind(tonic::Code::InvalidArgument), "grpc_invalid_argument");
+        assert_eq!(
+            grpc_kind(tonic::Code::ResourceExhausted),
+            "grpc_resource_exhausted"
+        );
+        assert_eq!(
+            grpc_kind(tonic::Code::InvalidArgument),
+            "grpc_invalid_argument"
+        );
     }
 
     #[test]
@@ -200,8 +224,14 @@ mod tests {
         let boundary = ct.split("boundary=").nth(1).unwrap_or_default();
         let text = String::from_utf8_lossy(&body);
         assert!(text.starts_with(&format!("--{boundary}\r\n")), "{text}");
-        assert!(text.contains("name=\"image\"; filename=\"cat.jpg\""), "{text}");
-        assert!(text.contains("Content-Type: image/jpeg\r\n\r\nJPEGDATA\r\n"), "{text}");
+        assert!(
+            text.contains("name=\"image\"; filename=\"cat.jpg\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("Content-Type: image/jpeg\r\n\r\nJPEGDATA\r\n"),
+            "{text}"
+        );
         assert!(text.ends_with(&format!("--{boundary}--\r\n")), "{text}");
     }
 }

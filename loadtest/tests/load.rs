@@ -51,15 +51,24 @@ async fn http_server() -> (SocketAddr, Arc<Http>) {
         let text = String::from_utf8_lossy(&body);
         // Checks what arrived: a JSON URL body or a multipart upload with the file's bytes.
         let ok = text.starts_with("{\"url\":\"http://") || text.contains("name=\"image\"");
-        let status = if ok { StatusCode::OK } else { StatusCode::BAD_REQUEST };
-        (status, format!(r#"{{"timings_ms":{{"total":{}.0}}}}"#, body.len()))
+        let status = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        (
+            status,
+            format!(r#"{{"timings_ms":{{"total":{}.0}}}}"#, body.len()),
+        )
     }
     let app = Router::new()
         .route("/test", get(test))
         .route("/slow/test", get(slow))
         .route("/predict", post(predict))
         .with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -68,7 +77,8 @@ async fn http_server() -> (SocketAddr, Arc<Http>) {
 }
 
 async fn run(args: &[&str]) -> Report {
-    let cli = Cli::try_parse_from(std::iter::once("loadtest").chain(args.iter().copied())).expect("arguments");
+    let cli = Cli::try_parse_from(std::iter::once("loadtest").chain(args.iter().copied()))
+        .expect("arguments");
     loadtest::execute(cli.command).await.expect("run").0
 }
 
@@ -76,7 +86,18 @@ async fn run(args: &[&str]) -> Report {
 async fn closed_loop_sends_exactly_the_requests_asked_and_sorts_errors() {
     let (addr, server) = http_server().await;
     let gateway = format!("http://{addr}");
-    let report = run(&["test", "--gateway", &gateway, "-c", "4", "--requests", "50", "-t", "60s"]).await;
+    let report = run(&[
+        "test",
+        "--gateway",
+        &gateway,
+        "-c",
+        "4",
+        "--requests",
+        "50",
+        "-t",
+        "60s",
+    ])
+    .await;
     assert_eq!(report.transactions, 50, "{report}");
     assert_eq!(server.hits.load(Ordering::SeqCst), 50);
     assert_eq!((report.successful, report.failed), (40, 10), "{report}");
@@ -91,9 +112,23 @@ async fn closed_loop_sends_exactly_the_requests_asked_and_sorts_errors() {
 async fn warm_up_requests_are_sent_but_not_reported() {
     let (addr, server) = http_server().await;
     let gateway = format!("http://{addr}");
-    let report = run(&["test", "--gateway", &gateway, "-c", "1", "--warmup", "300ms", "--requests", "5"]).await;
+    let report = run(&[
+        "test",
+        "--gateway",
+        &gateway,
+        "-c",
+        "1",
+        "--warmup",
+        "300ms",
+        "--requests",
+        "5",
+    ])
+    .await;
     assert_eq!(report.transactions, 5, "{report}");
-    assert!(server.hits.load(Ordering::SeqCst) > 5, "warm-up sent nothing");
+    assert!(
+        server.hits.load(Ordering::SeqCst) > 5,
+        "warm-up sent nothing"
+    );
 }
 
 #[tokio::test]
@@ -103,12 +138,26 @@ async fn open_loop_counts_queueing_from_the_scheduled_send_time() {
     // take about 20 ms.
     let (addr, _) = http_server().await;
     let gateway = format!("http://{addr}/slow");
-    let report = run(&["test", "--gateway", &gateway, "--rate", "100/s", "-c", "200", "-t", "1s"]).await;
+    let report = run(&[
+        "test",
+        "--gateway",
+        &gateway,
+        "--rate",
+        "100/s",
+        "-c",
+        "200",
+        "-t",
+        "1s",
+    ])
+    .await;
     assert_eq!(report.failed, 0, "{report}");
     assert!(report.transactions >= 90, "{report}");
     let l = &report.latency_ms;
     assert!(l.p99 >= 10.0 * 20.0, "the queue is hidden: {l:?}");
-    assert!(l.max >= 10.0 * l.min, "latency did not grow along the backlog: {l:?}");
+    assert!(
+        l.max >= 10.0 * l.min,
+        "latency did not grow along the backlog: {l:?}"
+    );
     // The run lasts until the last answer, so throughput is what the server managed, not the offered rate.
     assert!(report.throughput_rps < 80.0, "{report}");
 }
@@ -122,20 +171,45 @@ async fn predict_by_url_serves_the_folder_it_is_given() {
     // The folder server itself.
     let folder = loadtest::serve::Folder::load(&dir).expect("folder");
     assert_eq!(folder.names(), ["a.jpg", "b.png"]);
-    let (served, _task) = folder.serve("127.0.0.1:0".parse().expect("addr")).await.expect("serve");
-    let body = reqwest::get(format!("http://{served}/b.png")).await.expect("get");
+    let (served, _task) = folder
+        .serve("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("serve");
+    let body = reqwest::get(format!("http://{served}/b.png"))
+        .await
+        .expect("get");
     assert_eq!(body.headers()["content-type"], "image/png");
     assert_eq!(body.bytes().await.expect("bytes").as_ref(), b"png bytes");
-    let missing = reqwest::get(format!("http://{served}/nope.jpg")).await.expect("get");
+    let missing = reqwest::get(format!("http://{served}/nope.jpg"))
+        .await
+        .expect("get");
     assert_eq!(missing.status(), 404);
     // Through the predict-url target.
     let (addr, server) = http_server().await;
     let gateway = format!("http://{addr}");
     let dir_arg = dir.to_string_lossy().into_owned();
-    let report = run(&["predict-url", "--gateway", &gateway, "--serve-dir", &dir_arg, "--requests", "6"]).await;
+    let report = run(&[
+        "predict-url",
+        "--gateway",
+        &gateway,
+        "--serve-dir",
+        &dir_arg,
+        "--requests",
+        "6",
+    ])
+    .await;
     assert_eq!((report.successful, report.failed), (6, 0), "{report}");
     assert_eq!(server.hits.load(Ordering::SeqCst), 6);
-    let upload = run(&["predict-upload", "--gateway", &gateway, "--images", &dir_arg, "--requests", "4"]).await;
+    let upload = run(&[
+        "predict-upload",
+        "--gateway",
+        &gateway,
+        "--images",
+        &dir_arg,
+        "--requests",
+        "4",
+    ])
+    .await;
     assert_eq!((upload.successful, upload.failed), (4, 0), "{upload}");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -143,8 +217,16 @@ async fn predict_by_url_serves_the_folder_it_is_given() {
 #[tokio::test]
 async fn an_empty_folder_is_refused_before_any_load() {
     let dir = tempdir();
-    let cli = Cli::try_parse_from(["loadtest", "predict-upload", "--images", &dir.to_string_lossy()]).expect("args");
-    let err = loadtest::execute(cli.command).await.expect_err("empty folder");
+    let cli = Cli::try_parse_from([
+        "loadtest",
+        "predict-upload",
+        "--images",
+        &dir.to_string_lossy(),
+    ])
+    .expect("args");
+    let err = loadtest::execute(cli.command)
+        .await
+        .expect_err("empty folder");
     assert!(err.to_string().contains("no image files"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -180,13 +262,22 @@ fn meta(name: &str, datatype: &str, shape: &[i64]) -> TensorMetadata {
 
 #[tonic::async_trait]
 impl GrpcInferenceService for Oip {
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
         Err(Status::unimplemented("not needed"))
     }
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
         Err(Status::unimplemented("not needed"))
     }
-    async fn model_ready(&self, _: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+    async fn model_ready(
+        &self,
+        _: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
         Err(Status::unimplemented("not needed"))
     }
     async fn server_metadata(
@@ -203,20 +294,28 @@ impl GrpcInferenceService for Oip {
             name: request.into_inner().name,
             versions: vec!["3".into()],
             platform: "test".into(),
-            inputs: vec![meta("normalised", "FP32", &[-1, 3, 24, 32]), meta("rgb", "UINT8", &[-1, 24, 32, 3])],
+            inputs: vec![
+                meta("normalised", "FP32", &[-1, 3, 24, 32]),
+                meta("rgb", "UINT8", &[-1, 24, 32, 3]),
+            ],
             outputs: vec![meta("scores", "FP32", &[-1, 10])],
         }))
     }
-    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
         let r = request.into_inner();
         let input = &r.inputs[0];
         let batch = input.shape.first().copied().unwrap_or(0);
-        let top_k = r.outputs.first().and_then(|o| o.parameters.get("classification")).and_then(|p| {
-            match p.parameter_choice {
+        let top_k = r
+            .outputs
+            .first()
+            .and_then(|o| o.parameters.get("classification"))
+            .and_then(|p| match p.parameter_choice {
                 Some(infer_parameter::ParameterChoice::Int64Param(k)) => Some(k),
                 _ => None,
-            }
-        });
+            });
         let right = input.name == "rgb"
             && input.datatype == "UINT8"
             && input.shape[1..] == [24, 32, 3]
@@ -246,7 +345,10 @@ impl GrpcInferenceService for Oip {
             raw_output_contents: vec![vec![0; 8]],
         }))
     }
-    async fn model_config(&self, _: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
+    async fn model_config(
+        &self,
+        _: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
         Err(Status::unimplemented("not needed"))
     }
     async fn model_statistics(
@@ -266,7 +368,9 @@ impl GrpcInferenceService for Oip {
 #[tokio::test]
 async fn grpc_target_sends_a_resized_image_shaped_as_the_model_says() {
     let oip = Oip::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let service = GrpcInferenceServiceServer::new(oip.clone());
     tokio::spawn(
@@ -274,14 +378,38 @@ async fn grpc_target_sends_a_resized_image_shaped_as_the_model_says() {
             .add_service(service)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let image = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/golden/chelsea.png");
+    let image = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../testdata/golden/chelsea.png"
+    );
     let server = format!("http://{addr}");
-    let report = run(&["grpc", "--server", &server, "--model", "m", "--image", image, "--batch", "3", "--requests", "12"]).await;
+    let report = run(&[
+        "grpc",
+        "--server",
+        &server,
+        "--model",
+        "m",
+        "--image",
+        image,
+        "--batch",
+        "3",
+        "--requests",
+        "12",
+    ])
+    .await;
     assert_eq!((report.successful, report.failed), (12, 0), "{report}");
     assert_eq!(oip.0.good.load(Ordering::SeqCst), 12);
     assert_eq!(oip.0.bad.load(Ordering::SeqCst), 0);
     // Nothing listens here: a clear set-up error, not a report full of transport errors.
-    let cli = Cli::try_parse_from(["loadtest", "grpc", "--server", "http://127.0.0.1:1", "--image", image]).expect("args");
+    let cli = Cli::try_parse_from([
+        "loadtest",
+        "grpc",
+        "--server",
+        "http://127.0.0.1:1",
+        "--image",
+        image,
+    ])
+    .expect("args");
     let err = loadtest::execute(cli.command).await.expect_err("no server");
     assert!(err.to_string().contains("cannot connect"), "{err}");
 }
@@ -290,21 +418,48 @@ async fn grpc_target_sends_a_resized_image_shaped_as_the_model_says() {
 async fn json_report_has_the_documented_fields() {
     let (addr, _) = http_server().await;
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["test", "--gateway", &format!("http://{addr}"), "--requests", "10", "-c", "2", "--json"])
+        .args([
+            "test",
+            "--gateway",
+            &format!("http://{addr}"),
+            "--requests",
+            "10",
+            "-c",
+            "2",
+            "--json",
+        ])
         .output()
         .await
         .expect("run loadtest");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
     for field in [
-        "target", "concurrency", "transactions", "successful", "failed", "availability_pct", "elapsed_s",
-        "throughput_rps", "bytes_received", "mean_in_flight", "latency_ms", "errors", "server_timings_ms",
+        "target",
+        "concurrency",
+        "transactions",
+        "successful",
+        "failed",
+        "availability_pct",
+        "elapsed_s",
+        "throughput_rps",
+        "bytes_received",
+        "mean_in_flight",
+        "latency_ms",
+        "errors",
+        "server_timings_ms",
     ] {
         assert!(json.get(field).is_some(), "no {field} in {json}");
     }
     assert_eq!(json["transactions"], 10);
     assert_eq!(json["errors"]["http_503"], 2);
     for p in ["min", "mean", "p50", "p90", "p99", "p999", "max"] {
-        assert!(json["latency_ms"][p].as_f64().is_some(), "no latency_ms.{p} in {json}");
+        assert!(
+            json["latency_ms"][p].as_f64().is_some(),
+            "no latency_ms.{p} in {json}"
+        );
     }
 }

@@ -70,7 +70,9 @@ struct State {
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").field("batch", &self.request.batch).finish()
+        f.debug_struct("Job")
+            .field("batch", &self.request.batch)
+            .finish()
     }
 }
 
@@ -144,7 +146,9 @@ struct Queue {
 impl Queue {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves a consistent VecDeque behind.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -30,7 +30,12 @@ pub struct Config {
     /// Microseconds a batch that is not full may wait, after its oldest request arrived, for more requests
     /// to join it. 0 runs whatever is waiting as soon as the model is free: on a CPU every core is already busy
     /// with one batch, so waiting adds latency without adding throughput. A GPU gains from a short wait.
-    #[arg(long = "max-queue-delay", env = "MAX_QUEUE_DELAY_US", default_value_t = 0, value_name = "MICROSECONDS")]
+    #[arg(
+        long = "max-queue-delay",
+        env = "MAX_QUEUE_DELAY_US",
+        default_value_t = 0,
+        value_name = "MICROSECONDS"
+    )]
     pub max_queue_delay_us: u64,
 
     /// Requests that may wait per model version; beyond this new requests

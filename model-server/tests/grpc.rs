@@ -614,7 +614,12 @@ async fn batch_counts(
     let mut counts: Vec<(u64, u64)> = stats.model_stats[0]
         .batch_stats
         .iter()
-        .map(|b| (b.batch_size, b.compute_infer.as_ref().map_or(0, |d| d.count)))
+        .map(|b| {
+            (
+                b.batch_size,
+                b.compute_infer.as_ref().map_or(0, |d| d.count),
+            )
+        })
         .collect();
     counts.sort();
     counts
@@ -623,7 +628,8 @@ async fn batch_counts(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_arriving_within_the_queue_delay_run_as_one_batch_with_unbatched_results() {
     // One second is far longer than four concurrent calls take to arrive, and a full batch does not wait for it.
-    let server = TestServer::start(&["--max-batch-size", "4", "--max-queue-delay", "1000000"]).await;
+    let server =
+        TestServer::start(&["--max-batch-size", "4", "--max-queue-delay", "1000000"]).await;
     let client = server.client().await;
     let calls = PHOTOS.iter().map(|(name, _)| {
         let mut c = client.clone();
@@ -643,12 +649,20 @@ async fn requests_arriving_within_the_queue_delay_run_as_one_batch_with_unbatche
         .map(|r| r.expect("task"))
         .collect();
     let mut client = client.clone();
-    assert_eq!(batch_counts(&mut client).await, [(4, 1)], "the four calls were not one batch");
+    assert_eq!(
+        batch_counts(&mut client).await,
+        [(4, 1)],
+        "the four calls were not one batch"
+    );
 
     // The same photos one at a time: each runs alone once its delay is over.
     for ((name, _), batched) in PHOTOS.iter().zip(&batched) {
         let single = client
-            .model_infer(pixels_request(golden_pixels(name), 1, vec![output("logits")]))
+            .model_infer(pixels_request(
+                golden_pixels(name),
+                1,
+                vec![output("logits")],
+            ))
             .await
             .expect("single call")
             .into_inner();
