@@ -213,8 +213,7 @@ async fn open_loop(
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
-    let total = recorder.lock().map(|r| r.clone()).unwrap_or_default();
-    total
+    recorder.lock().map(|r| r.clone()).unwrap_or_default()
 }
 
 /// One status line on the terminal, rewritten every second.
