@@ -36,7 +36,7 @@ ENTRYPOINT ["gateway"]
 FROM runtime AS model-server-base
 ENV MODEL_REPOSITORY=/models \
     GRPC_ADDR=0.0.0.0:8001
-EXPOSE 8001
+EXPOSE 8001 8002
 # `healthcheck` asks grpc.health.v1, which reports SERVING once every model is loaded and warmed up.
 HEALTHCHECK --interval=5s --timeout=5s --start-period=120s --retries=3 CMD ["model-server", "healthcheck"]
 ENTRYPOINT ["model-server"]
@@ -48,6 +48,7 @@ WORKDIR /src
 # A new workspace member needs its Cargo.toml copied and stubbed here too.
 COPY Cargo.toml Cargo.lock ./
 COPY proto proto
+COPY observability observability
 COPY model-server/Cargo.toml model-server/
 COPY gateway/Cargo.toml gateway/
 # loadtest is in the workspace but not in any image: its manifest and stub sources only let cargo load the workspace.

@@ -120,7 +120,7 @@ start_model_server() {
     grpc="$(free_port)"
     started="$(date +%s%N)"
     "$bin_dir/model-server" --model-repository "$MODEL_REPOSITORY" --grpc-addr "127.0.0.1:$grpc" \
-        --threads "$threads" "$@" >>"$work/model-server.log" 2>&1 &
+        --http-addr "127.0.0.1:$(free_port)" --threads "$threads" "$@" >>"$work/model-server.log" 2>&1 &
     ms_pid=$!
     pids+=("$ms_pid")
     for _ in $(seq 1 3000); do

@@ -118,9 +118,9 @@ pub struct Config {
     #[arg(long, env = "FETCH_ALLOW", value_delimiter = ',', default_value = "")]
     pub fetch_allow: Vec<String>,
 
-    /// Log format: `text` or `json`.
-    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    /// Write logs as JSON lines instead of human-readable text.
+    #[arg(long, env = "JSON_LOGS")]
+    pub json_logs: bool,
 }
 
 impl Config {
@@ -151,10 +151,6 @@ impl Config {
         anyhow::ensure!(
             self.fetch_timeout_ms >= self.fetch_connect_timeout_ms,
             "--fetch-timeout-ms must not be shorter than --fetch-connect-timeout-ms"
-        );
-        anyhow::ensure!(
-            matches!(self.log_format.as_str(), "text" | "json"),
-            "--log-format must be `text` or `json`"
         );
         AllowList::parse(self.fetch_allow.iter().map(String::as_str))
     }

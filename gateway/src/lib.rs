@@ -53,6 +53,10 @@ impl AppState {
                 total_timeout: Duration::from_millis(config.fetch_timeout_ms),
             },
         )?;
+        let metrics = Metrics::new()?;
+        for collector in model_client.collectors()? {
+            metrics.register(collector)?;
+        }
         Ok(AppState {
             catalog: Arc::new(ModelCatalog::new(
                 model_client,
@@ -61,7 +65,7 @@ impl AppState {
             fetcher,
             images: Arc::new(Semaphore::new(config.concurrent_images())),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
-            metrics: Metrics::new()?,
+            metrics,
             draining: Arc::new(AtomicBool::new(false)),
             config: Arc::new(config),
         })

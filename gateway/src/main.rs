@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    gateway::telemetry::init_telemetry(&config.log_format);
+    let telemetry = observability::init("gateway", config.json_logs)?;
     tracing::info!(?config, "starting gateway");
     let listener = TcpListener::bind(config.listen)
         .await
@@ -67,7 +67,9 @@ async fn main() -> anyhow::Result<()> {
         )
     })?;
     let client = GrpcModelClient::start(options, Arc::new(SystemResolver));
-    gateway::run(config, listener, Arc::new(client), shutdown_signal()).await
+    let result = gateway::run(config, listener, Arc::new(client), shutdown_signal()).await;
+    telemetry.shutdown(Duration::from_secs(5)).await;
+    result
 }
 
 async fn shutdown_signal() {

@@ -2,8 +2,10 @@
 
 use std::time::Duration;
 
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// The gateway's metrics.
@@ -14,6 +16,9 @@ pub struct Metrics {
     request_duration: HistogramVec,
     phase_duration: HistogramVec,
     images_in_flight: IntGauge,
+    requests_in_flight: IntGauge,
+    shed: IntCounter,
+    fetch_bytes: IntCounter,
 }
 
 /// Buckets from 1 ms to 30 s: fetches and cold model calls are slow, preprocessing is fast.
@@ -43,7 +48,7 @@ impl Metrics {
         let phase_duration = HistogramVec::new(
             HistogramOpts::new(
                 "gateway_phase_duration_seconds",
-                "Time spent per prediction phase: fetch, decode, preprocess, inference",
+                "Time spent per prediction phase: fetch, decode, preprocess, inference (the model call), total",
             )
             .buckets(BUCKETS.to_vec()),
             &["phase"],
@@ -52,17 +57,37 @@ impl Metrics {
             "gateway_images_in_flight",
             "Images being decoded or resized",
         )?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(request_duration.clone()))?;
-        registry.register(Box::new(phase_duration.clone()))?;
-        registry.register(Box::new(images_in_flight.clone()))?;
-        Ok(Metrics {
+        let requests_in_flight =
+            IntGauge::new("gateway_requests_in_flight", "HTTP requests being served")?;
+        let shed = IntCounter::new(
+            "gateway_requests_shed_total",
+            "Predictions refused with 429 because --max-in-flight were already running",
+        )?;
+        let fetch_bytes =
+            IntCounter::new("gateway_fetch_bytes_total", "Image bytes fetched from URLs")?;
+        let metrics = Metrics {
             registry,
             requests,
             request_duration,
             phase_duration,
             images_in_flight,
-        })
+            requests_in_flight,
+            shed,
+            fetch_bytes,
+        };
+        metrics.register(Box::new(metrics.requests.clone()))?;
+        metrics.register(Box::new(metrics.request_duration.clone()))?;
+        metrics.register(Box::new(metrics.phase_duration.clone()))?;
+        metrics.register(Box::new(metrics.images_in_flight.clone()))?;
+        metrics.register(Box::new(metrics.requests_in_flight.clone()))?;
+        metrics.register(Box::new(metrics.shed.clone()))?;
+        metrics.register(Box::new(metrics.fetch_bytes.clone()))?;
+        Ok(metrics)
+    }
+
+    /// Adds a collector of another part (the model client's retries, errors and replicas).
+    pub fn register(&self, collector: Box<dyn Collector>) -> Result<(), prometheus::Error> {
+        self.registry.register(collector)
     }
 
     /// Counts a finished request.
@@ -82,9 +107,24 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// The gauge of images in the CPU stage.
-    pub fn images_in_flight(&self) -> &IntGauge {
-        &self.images_in_flight
+    /// Counts one HTTP request as in flight until the guard is dropped, however the request ends.
+    pub fn request_started(&self) -> InFlight {
+        InFlight::new(&self.requests_in_flight)
+    }
+
+    /// Counts a prediction refused because the gateway was full.
+    pub fn shed(&self) {
+        self.shed.inc();
+    }
+
+    /// Counts the bytes of one fetched image.
+    pub fn fetched(&self, bytes: usize) {
+        self.fetch_bytes.inc_by(bytes as u64);
+    }
+
+    /// Counts one image as in the CPU stage until the guard is dropped.
+    pub fn image_started(&self) -> InFlight {
+        InFlight::new(&self.images_in_flight)
     }
 
     /// Prometheus text exposition.
@@ -93,5 +133,21 @@ impl Metrics {
         // Encoding into a Vec only fails on invalid metric names, which are fixed above.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// Holds one unit of an in-flight gauge; a cancelled request (client gone) drops it too.
+pub struct InFlight(IntGauge);
+
+impl InFlight {
+    fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod discovery;
 pub mod grpc;
+pub mod metrics;
 pub mod pool;
 pub mod retry;
 
@@ -104,6 +105,10 @@ pub trait ModelClient: Send + Sync + 'static {
     async fn ready(&self, model: &str, version: &str) -> Result<bool, ModelError>;
     /// Runs one image through the model and returns the `top_k` classes.
     async fn classify(&self, request: ClassifyRequest) -> Result<Classification, ModelError>;
+    /// Metrics of the transport (retries, errors, replicas) for the gateway's registry; none by default.
+    fn collectors(&self) -> Result<Vec<Box<dyn prometheus::core::Collector>>, prometheus::Error> {
+        Ok(Vec::new())
+    }
 }
 
 /// Specs by (model, version), with the time they were fetched.

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 use crate::AppState;
 use crate::decode::decode;
@@ -77,11 +78,10 @@ fn ms(d: Duration) -> f64 {
 /// Takes one of the `--max-in-flight` places, or refuses at once: a full gateway answers 429 rather than
 /// queueing without bound. Called before the body is read, so refused requests cost no memory.
 pub fn admit(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
-    state
-        .in_flight
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::Overloaded(state.config.max_in_flight))
+    state.in_flight.clone().try_acquire_owned().map_err(|_| {
+        state.metrics.shed();
+        ApiError::Overloaded(state.config.max_in_flight)
+    })
 }
 
 /// Runs the whole pipeline for one image; the caller holds its place from [`admit`].
@@ -111,8 +111,13 @@ pub async fn predict(
         ImageSource::Bytes(bytes) => bytes,
         ImageSource::Url(url) => {
             let t = Instant::now();
-            let bytes = state.fetcher.fetch(&url).await?;
+            let bytes = state
+                .fetcher
+                .fetch(&url)
+                .instrument(tracing::info_span!("fetch"))
+                .await?;
             state.metrics.phase("fetch", t.elapsed());
+            state.metrics.fetched(bytes.len());
             timings.fetch = ms(t.elapsed());
             bytes
         }
@@ -137,6 +142,7 @@ pub async fn predict(
         .await?;
     state.metrics.phase("inference", t.elapsed());
     timings.inference = ms(t.elapsed());
+    state.metrics.phase("total", started.elapsed());
     timings.total = ms(started.elapsed());
 
     Ok(PredictResponse {
@@ -165,19 +171,21 @@ async fn prepare(
         .map_err(|_| ApiError::Internal("image workers shut down".into()))?;
     let max_pixels = state.config.max_image_pixels;
     let recipe = state.config.recipe_for(&spec.name);
-    let gauge = state.metrics.images_in_flight().clone();
-    gauge.inc();
+    let in_flight = state.metrics.image_started();
+    let parent = tracing::Span::current();
     let result = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let t = Instant::now();
-        let image = decode(&bytes, max_pixels)?;
+        let image = tracing::info_span!(parent: &parent, "decode")
+            .in_scope(|| decode(&bytes, max_pixels))?;
         let decode_time = t.elapsed();
         let t = Instant::now();
-        let pixels = preprocess(&image, recipe, spec.height, spec.width)
+        let pixels = tracing::info_span!(parent: &parent, "preprocess")
+            .in_scope(|| preprocess(&image, recipe, spec.height, spec.width))
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         Ok::<_, ApiError>((pixels, decode_time, t.elapsed()))
     })
     .await;
-    gauge.dec();
+    drop(in_flight);
     result.map_err(|e| ApiError::Internal(format!("image worker failed: {e}")))?
 }

@@ -1,4 +1,4 @@
-//! Logging set-up and the per-request middleware: request id, tracing span, metrics, one log line.
+//! The per-request middleware: request id, trace context, tracing span, metrics, one log line.
 
 use std::time::Instant;
 
@@ -7,7 +7,6 @@ use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
-use tracing_subscriber::EnvFilter;
 
 use crate::AppState;
 use crate::error::{LoggedError, Severity};
@@ -18,18 +17,6 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The request's id, in the request extensions for handlers.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
-
-/// Installs the global subscriber: `RUST_LOG` filter (default `info`), text or JSON lines.
-pub fn init_telemetry(format: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    // Another subscriber may already be set (tests): keep it.
-    let _ = if format == "json" {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-}
 
 /// A client id is reused only if it is short printable ASCII, so it is safe in logs and headers.
 fn client_request_id(request: &Request) -> Option<String> {
@@ -49,10 +36,23 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str)
         .to_owned();
-    let span = tracing::info_span!("request", request_id = %id, method = %request.method(), route = %route);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        trace_id = tracing::field::Empty,
+        method = %request.method(),
+        route = %route,
+    );
+    // A client's W3C `traceparent` makes this request part of its trace; otherwise a new trace starts here.
+    observability::set_parent_from_http(&span, request.headers());
+    if let Some(trace_id) = observability::trace_id(&span) {
+        span.record("trace_id", trace_id);
+    }
     request.extensions_mut().insert(RequestId(id.clone()));
 
+    let in_flight = state.metrics.request_started();
     let mut response = next.run(request).instrument(span.clone()).await;
+    drop(in_flight);
 
     let elapsed = started.elapsed();
     let status = response.status().as_u16();

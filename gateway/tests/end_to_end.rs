@@ -32,21 +32,13 @@ async fn get_test(client: &reqwest::Client, gateway: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_photos_by_url_base64_and_upload() {
-    let model_server = ModelServer::start("127.0.0.1:0".parse().unwrap()).await;
-    let gateway = Gateway::start(model_server.addr).await;
-    let photos = photo_server().await;
-    let client = http_client();
-    // First start loads and warms the model; a debug build takes a while.
-    wait_for_readyz(&client, &gateway.url, 200, Duration::from_secs(300)).await;
+    let stack = Stack::start().await;
+    let (gateway, photos, client) = (&stack.gateway, &stack.photos, &stack.client);
 
     for (name, index, label) in PHOTOS {
-        let by_url = client
-            .post(format!("{}/predict", gateway.url))
-            .header("content-type", "application/json")
-            .body(json!({ "url": format!("{photos}/{name}.png") }).to_string())
-            .send()
-            .await
-            .unwrap();
+        let by_url = stack
+            .predict(json!({ "url": format!("{photos}/{name}.png") }))
+            .await;
         let body = answer(by_url).await;
         println!("{name} by url: {}", body["predictions"][0]);
         assert_eq!(
@@ -91,7 +83,7 @@ async fn golden_photos_by_url_base64_and_upload() {
         assert_eq!(body["model"]["name"], "efficientnet-lite0");
     }
 
-    let body = get_test(&client, &gateway.url).await;
+    let body = get_test(client, &gateway.url).await;
     assert_eq!(top1(&body), (967, "espresso".to_owned()), "/test: {body}");
 
     // Unknown model: the model server's NOT_FOUND becomes 404.
@@ -115,7 +107,7 @@ async fn golden_photos_by_url_base64_and_upload() {
         .await
         .unwrap();
     assert!(metrics.contains(r#"gateway_phase_duration_seconds_count{phase="inference"}"#));
-    model_server.stop().await;
+    stack.model_server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,6 +91,8 @@ fn child_model_server() {
                     "model-server".as_ref(),
                     "--threads".as_ref(),
                     "1".as_ref(),
+                    "--http-addr".as_ref(),
+                    "127.0.0.1:0".as_ref(),
                     "--model-repository".as_ref(),
                     repository.as_os_str(),
                 ])
@@ -392,8 +394,7 @@ async fn sigterm_to_the_gateway_answers_every_accepted_request() {
             "127.0.0.1:0",
             "--model-server",
             &format!("http://{}", server.addr),
-            "--log-format",
-            "json",
+            "--json-logs",
         ])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)

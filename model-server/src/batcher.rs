@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use tokio::sync::oneshot;
-use tracing::Instrument;
 
 use crate::backend::{BackendError, Classifier};
 use crate::error::InferError;
 use crate::repository::{InputSize, Normalisation};
-use crate::stats::{BatchTimes, Stats};
+use crate::stats::{BatchTimes, Failure, Stats};
 
 /// Input images of one request, already checked against the model's shape.
 #[derive(Debug, Clone)]
@@ -44,7 +43,13 @@ struct Job {
     reply: oneshot::Sender<Result<Response, InferError>>,
     enqueued: Instant,
     span: tracing::Span,
+    /// Open while the job waits: closed when its batch starts, so its duration is the queue time.
+    queued: tracing::Span,
 }
+
+/// The queue was at capacity.
+#[derive(Debug)]
+struct QueueFull;
 
 /// What the batching thread should do next.
 #[derive(Debug)]
@@ -66,6 +71,8 @@ struct State {
     max_batch: usize,
     max_delay: Duration,
     closed: bool,
+    /// Requests dropped because their caller went away, not yet counted in the statistics.
+    dropped: u64,
 }
 
 impl std::fmt::Debug for Job {
@@ -84,13 +91,14 @@ impl State {
             max_batch,
             max_delay,
             closed: false,
+            dropped: 0,
         }
     }
 
-    /// Queues a job, or hands it back when the queue is full.
-    fn append(&mut self, job: Job) -> Result<(), Job> {
+    /// Queues a job, or refuses it (dropping it, which answers its caller) when the queue is full.
+    fn append(&mut self, job: Job) -> Result<(), QueueFull> {
         if self.jobs.len() >= self.capacity {
-            return Err(job);
+            return Err(QueueFull);
         }
         self.jobs.push_back(job);
         Ok(())
@@ -103,6 +111,7 @@ impl State {
     /// whose caller went away (gone, or past its deadline, which cancels the
     /// call) are dropped here, before any compute is spent on them.
     fn next_batch(&mut self, now: Instant) -> Next {
+        let before = self.jobs.len();
         self.jobs.retain(|job| {
             let gone = job.reply.is_closed();
             if gone {
@@ -110,6 +119,7 @@ impl State {
             }
             !gone
         });
+        self.dropped += (before - self.jobs.len()) as u64;
         let Some(oldest) = self.jobs.front() else {
             return Next::Idle;
         };
@@ -227,6 +237,7 @@ impl Batcher {
             reply,
             enqueued: Instant::now(),
             span: tracing::Span::current(),
+            queued: tracing::info_span!("queue"),
         };
         let queue = &self.handle.queue;
         {
@@ -235,13 +246,12 @@ impl Batcher {
                 return Err(InferError::ShuttingDown);
             }
             if state.append(job).is_err() {
+                self.handle.stats.record_refused(Failure::Rejected);
                 return Err(InferError::QueueFull(self.handle.name.to_string()));
             }
         }
         queue.changed.notify_one();
-        rx.instrument(tracing::debug_span!("queued"))
-            .await
-            .map_err(|_| InferError::ShuttingDown)?
+        rx.await.map_err(|_| InferError::ShuttingDown)?
     }
 
     /// Statistics of this model version.
@@ -267,7 +277,11 @@ impl Worker {
     fn run(self, queue: &Queue) {
         let mut state = queue.lock();
         loop {
-            match state.next_batch(Instant::now()) {
+            let next = state.next_batch(Instant::now());
+            for _ in 0..std::mem::take(&mut state.dropped) {
+                self.stats.record_refused(Failure::Cancelled);
+            }
+            match next {
                 Next::Run(jobs) => {
                     drop(state);
                     let images = jobs.iter().map(|j| j.request.batch).sum();
@@ -293,13 +307,22 @@ impl Worker {
         }
     }
 
-    fn execute(&self, jobs: Vec<Job>, images: usize) {
+    fn execute(&self, mut jobs: Vec<Job>, images: usize) {
+        for job in &mut jobs {
+            job.queued = tracing::Span::none();
+        }
         let started = Instant::now();
         let span = tracing::info_span!("infer_batch", model = %self.spec.name, version = self.spec.version, batch = images);
         for job in &jobs {
             span.follows_from(&job.span);
         }
+        // Each request's trace gets the execution of the batch it ran in.
+        let compute: Vec<_> = jobs
+            .iter()
+            .map(|j| tracing::info_span!(parent: &j.span, "compute", batch = images))
+            .collect();
         let result = span.in_scope(|| self.pool.install(|| self.compute(&jobs)));
+        drop(compute);
         let done = Instant::now();
         match result {
             Ok((outputs, times)) => {
@@ -429,6 +452,7 @@ mod tests {
             reply,
             enqueued,
             span: tracing::Span::none(),
+            queued: tracing::Span::none(),
         };
         (job, rx)
     }

@@ -19,6 +19,11 @@ pub struct Config {
     #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:8001")]
     pub grpc_addr: SocketAddr,
 
+    /// Address of the HTTP server with `/metrics` (Prometheus), `/v2/health/live` and `/v2/health/ready`, as
+    /// Triton's metrics port.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8002")]
+    pub http_addr: SocketAddr,
+
     /// Inference threads; 0 means one per available CPU core.
     #[arg(long, env = "INFERENCE_THREADS", default_value_t = 0)]
     pub threads: usize,

@@ -7,7 +7,9 @@ pub mod codec;
 pub mod config;
 pub mod efficientnet;
 pub mod error;
+pub mod http;
 pub mod kernels;
+pub mod metrics;
 pub mod pth;
 pub mod registry;
 pub mod repository;
@@ -17,6 +19,7 @@ pub mod stats;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -31,11 +34,24 @@ pub use config::Config;
 use registry::{LoadOptions, Registry};
 use service::InferenceService;
 
-/// Serves on `listener` until `shutdown` completes. Health reports
+/// Serves gRPC on `listener` and HTTP on `--http-addr` until `shutdown` completes. Health reports
 /// NOT_SERVING until every model has loaded and answered a warm-up request.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let http_listener = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding the HTTP address {}", config.http_addr))?;
+    serve_with(config, listener, http_listener, shutdown).await
+}
+
+/// [`serve`] with the HTTP listener bound by the caller (tests bind port 0 and read the port).
+pub async fn serve_with(
+    config: Config,
+    listener: TcpListener,
+    http_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
@@ -47,6 +63,23 @@ pub async fn serve(
         .build()
         .context("starting the inference thread pool")?;
     let registry = Arc::new(Registry::new(entries));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let http_addr = http_listener.local_addr()?;
+    let http_state = http::HttpState {
+        metrics: metrics::Metrics::new(registry.clone()).context("registering metrics")?,
+        models: registry.clone(),
+        draining: stopping.clone(),
+    };
+    let http_server = tokio::spawn(async move {
+        let listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        if let Err(e) = axum::serve(listener, http::router(http_state)).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    // The HTTP port lives as long as the gRPC server: it goes when `serve` returns, however it returns.
+    let _http_server = AbortOnDrop(http_server);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     const SERVICE: &str = "inference.GRPCInferenceService";
@@ -91,13 +124,14 @@ pub async fn serve(
             .max_encoding_message_size(config.max_message_size);
 
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, threads, repository = %config.model_repository.display(), "gRPC server listening");
+    tracing::info!(%addr, %http_addr, threads, repository = %config.model_repository.display(), "gRPC server listening");
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let (began, draining) = tokio::sync::oneshot::channel::<()>();
     let shutdown = {
         let health = health.clone();
         async move {
             shutdown.await;
+            stopping.store(true, Ordering::SeqCst);
             // Readiness goes first so balancers stop sending before we stop.
             for name in ["", SERVICE] {
                 health
@@ -141,6 +175,15 @@ pub async fn serve(
             );
             Ok(())
         }
+    }
+}
+
+/// Aborts a background task when its owner goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -7,7 +7,6 @@ use model_server::Config;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tracing_subscriber::EnvFilter;
 
 // Each layer's output is a fresh buffer of up to tens of megabytes; glibc's malloc hands such sizes back to the
 // OS on free, so every batch paid for page faults and zeroing again. mimalloc keeps them for reuse: batch-8
@@ -52,17 +51,11 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if config.json_logs {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    let telemetry = observability::init("model-server", config.json_logs)?;
     tracing::info!(?config, "starting");
-    model_server::run(config, model_server::shutdown_signal()).await
+    let result = model_server::run(config, model_server::shutdown_signal()).await;
+    telemetry.shutdown(Duration::from_secs(5)).await;
+    result
 }
 
 /// Where to reach a server bound to `bind`: an unspecified address means "every interface", loopback included.

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::codec::{self, INPUT, LOGITS, PIXELS, PROBABILITIES};
 use crate::registry::{Registry, State};
 use crate::repository::VersionConfig;
+use crate::stats::Failure;
 
 /// Name reported by ServerMetadata.
 pub const SERVER_NAME: &str = "model-server";
@@ -196,8 +197,22 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        let span = tracing::info_span!(
+            "model_infer",
+            model = tracing::field::Empty,
+            version = tracing::field::Empty,
+            request_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        // The caller's trace (W3C `traceparent` in the metadata) becomes this span's parent.
+        observability::set_parent_from_grpc(&span, req.metadata());
+        if let Some(trace_id) = observability::trace_id(&span) {
+            span.record("trace_id", trace_id);
+        }
         let mut r = req.into_inner();
-        let span = tracing::info_span!("model_infer", model = %r.model_name, version = %r.model_version, id = %r.id);
+        span.record("model", r.model_name.as_str());
+        span.record("version", r.model_version.as_str());
+        span.record("request_id", r.id.as_str());
         let _enter = span.enter();
         let slot = self.registry.resolve(&r.model_name, &r.model_version)?;
         let loaded = slot.ready()?;
@@ -208,7 +223,8 @@ impl GrpcInferenceService for InferenceService {
             &r.outputs,
             slot.config()?,
             self.max_batch_size,
-        )?;
+        )
+        .inspect_err(|_| slot.stats.record_refused(Failure::InvalidArgument))?;
         drop(_enter);
         let batch = parsed.request.batch;
         let result =

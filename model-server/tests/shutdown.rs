@@ -33,6 +33,8 @@ async fn sigterm_finishes_calls_in_flight_then_exits_0() {
         .args([
             "--grpc-addr",
             "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
             "--threads",
             "2",
             "--json-logs",

@@ -20,6 +20,7 @@ use tonic::{Code, Status};
 use tracing::Instrument;
 
 use super::discovery::{self, Resolve, SystemResolver, Target};
+use super::metrics::UpstreamMetrics;
 use super::pool::{self, Ejection, EndpointStatus, Pool};
 use super::retry::{self, RetryBudget, RetryPolicy};
 use super::{Classification, ClassifyRequest, ModelClient, ModelError, ModelSpec, Prediction};
@@ -85,6 +86,7 @@ pub struct GrpcModelClient {
     pool: Arc<Pool>,
     budget: Arc<RetryBudget>,
     options: Arc<ClientOptions>,
+    metrics: UpstreamMetrics,
 }
 
 impl GrpcModelClient {
@@ -99,6 +101,8 @@ impl GrpcModelClient {
     /// A client resolving its targets with `resolver` every `discovery_interval`; the discovery task
     /// ends when the last clone of the client is dropped.
     pub fn start(options: ClientOptions, resolver: Arc<dyn Resolve>) -> Self {
+        // The names are fixed and valid, so this cannot fail.
+        let metrics = UpstreamMetrics::new().expect("valid metric names");
         let pool = Arc::new(Pool::new(options.ejection, pool::connect_lazy));
         discovery::spawn(
             options.targets.clone(),
@@ -110,6 +114,7 @@ impl GrpcModelClient {
             pool,
             budget: Arc::new(RetryBudget::new(options.retry.budget_percent)),
             options: Arc::new(options),
+            metrics,
         }
     }
 
@@ -164,15 +169,17 @@ impl GrpcModelClient {
                 continue;
             };
             attempt += 1;
+            let span = tracing::info_span!("model_call", endpoint = %endpoint.addr(), attempt);
             let mut request = tonic::Request::new(message.clone());
             request.set_timeout(left);
             if let Some(id) = request_id.and_then(|id| id.parse().ok()) {
                 request.metadata_mut().insert("x-request-id", id);
             }
+            // The replica's spans become children of this attempt.
+            observability::inject_grpc(&span, request.metadata_mut());
             let client = GrpcInferenceServiceClient::new(endpoint.channel())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
-            let span = tracing::debug_span!("model_call", endpoint = %endpoint.addr(), attempt);
             let in_flight = endpoint.start();
             let result = tokio::time::timeout(left, rpc(client, request))
                 .instrument(span)
@@ -184,8 +191,12 @@ impl GrpcModelClient {
                     return Ok(response.into_inner());
                 }
                 Ok(Err(status)) => status,
-                Err(_) => return Err(late()),
+                Err(_) => {
+                    self.metrics.failed(Code::DeadlineExceeded);
+                    return Err(late());
+                }
             };
+            self.metrics.failed(status.code());
             if !retry::is_retryable(&status) {
                 // The replica answered: it is alive, whatever it said.
                 self.pool.succeeded(&endpoint);
@@ -201,6 +212,7 @@ impl GrpcModelClient {
                 return Err(from_status(&status));
             }
             tracing::debug!(endpoint = %endpoint.addr(), attempt, code = ?status.code(), error = %status.message(), pause_ms = pause.as_millis() as u64, "retrying on another replica");
+            self.metrics.retried();
             tokio::time::sleep(pause).await;
         }
     }
@@ -244,6 +256,10 @@ impl ModelClient for GrpcModelClient {
             })
             .await?;
         classification_from_response(&spec, &response)
+    }
+
+    fn collectors(&self) -> Result<Vec<Box<dyn prometheus::core::Collector>>, prometheus::Error> {
+        self.metrics.collectors(self.pool.clone())
     }
 }
 

@@ -224,4 +224,5 @@ fn crc32(data: &[u8]) -> u32 {
 
 pub mod load;
 pub mod oip;
+pub mod prom;
 pub mod stack;

@@ -39,6 +39,8 @@ pub fn model_repository() -> PathBuf {
 /// A model server running in this process until stopped.
 pub struct ModelServer {
     pub addr: SocketAddr,
+    /// The HTTP side port: `/metrics` and KServe v2 health.
+    pub http_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -55,12 +57,15 @@ impl ModelServer {
         .unwrap();
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_addr = http.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(model_server::serve(config, listener, async {
+        let task = tokio::spawn(model_server::serve_with(config, listener, http, async {
             let _ = stopped.await;
         }));
         ModelServer {
             addr,
+            http_addr,
             stop: Some(stop),
             task,
         }
@@ -127,6 +132,44 @@ impl Drop for Gateway {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// Both tiers, a photo server and a client, ready to predict.
+pub struct Stack {
+    pub model_server: ModelServer,
+    pub gateway: Gateway,
+    /// Base URL of the photo server.
+    pub photos: String,
+    pub client: reqwest::Client,
+}
+
+impl Stack {
+    /// Starts everything and waits until the gateway is ready (the first start loads and warms the model,
+    /// which a debug build takes a while to do).
+    pub async fn start() -> Stack {
+        let model_server = ModelServer::start("127.0.0.1:0".parse().unwrap()).await;
+        let gateway = Gateway::start(model_server.addr).await;
+        let photos = photo_server().await;
+        let client = http_client();
+        wait_for_readyz(&client, &gateway.url, 200, Duration::from_secs(300)).await;
+        Stack {
+            model_server,
+            gateway,
+            photos,
+            client,
+        }
+    }
+
+    /// `POST /predict` with a JSON body.
+    pub async fn predict(&self, body: serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/predict", self.gateway.url))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
     }
 }
 

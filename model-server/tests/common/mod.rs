@@ -115,6 +115,8 @@ pub fn argmax(v: &[f32]) -> usize {
 /// A model server running in-process on a loopback port chosen by the OS.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
+    /// The HTTP side port: metrics and KServe v2 health.
+    pub http_addr: std::net::SocketAddr,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -126,6 +128,10 @@ impl TestServer {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let http_addr = http.local_addr().expect("addr");
         let mut args = vec![
             "model-server",
             "--model-repository",
@@ -136,11 +142,12 @@ impl TestServer {
         args.extend_from_slice(extra);
         let config = <model_server::Config as clap::Parser>::try_parse_from(args).expect("config");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(model_server::serve(config, listener, async {
+        let task = tokio::spawn(model_server::serve_with(config, listener, http, async {
             let _ = rx.await;
         }));
         Self {
             addr,
+            http_addr,
             shutdown: Some(tx),
             task: Some(task),
         }
