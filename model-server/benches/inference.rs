@@ -1,7 +1,8 @@
 //! Model-only CPU inference time of EfficientNet-Lite0: batch-1 latency and
 //! batch-8 throughput, run inside a dedicated rayon pool as the server does.
 //!
-//! `cargo bench -p model-server --bench inference -- [--threads N] [--runs N] [--trials N] [--batches 1,8] [--json PATH]`
+//! `cargo bench -p model-server --bench inference -- [--threads N] [--runs N] [--trials N] [--batches 1,8] [--json PATH]
+//! [--device cpu|cuda[:N]] [--dtype f32|f16|bf16]` (CUDA needs `--features cuda`)
 //! Needs the model repository (MODEL_REPOSITORY, default ./model-repository).
 //! Each trial times `runs` forward passes after a warm-up; the figure quoted
 //! is the median of the trial medians, with the range, as numbers on a
@@ -11,7 +12,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use model_server::efficientnet::EfficientNetLite0;
 
 // The server's allocator, so allocation costs are the server's too.
@@ -61,11 +62,28 @@ fn main() -> anyhow::Result<()> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    let model = pool.install(|| EfficientNetLite0::load(&weights, &Device::Cpu))?;
-    println!("EfficientNet-Lite0, candle CPU, {threads} threads, {trials} trials x {runs} runs");
+    let device_name = arg("--device").unwrap_or_else(|| "cpu".into());
+    let device = match device_name.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::new_cuda(n)?,
+            None => anyhow::bail!("--device wants cpu, cuda or cuda:N, not {other}"),
+        },
+    };
+    let dtype = match arg("--dtype").as_deref().unwrap_or("f32") {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => anyhow::bail!("--dtype wants f32, f16 or bf16, not {other}"),
+    };
+    let model = pool.install(|| EfficientNetLite0::load_as(&weights, &device, dtype))?;
+    println!(
+        "EfficientNet-Lite0, candle {device_name} {dtype:?}, {threads} threads, {trials} trials x {runs} runs"
+    );
     let mut results = Vec::new();
     for batch in batches {
-        let x = Tensor::randn(0f32, 1f32, (batch, 3, 224, 224), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1f32, (batch, 3, 224, 224), &device)?;
         let mut trial_medians = Vec::new();
         for _ in 0..trials {
             let mut times = Vec::with_capacity(runs);
@@ -73,9 +91,12 @@ fn main() -> anyhow::Result<()> {
                 for _ in 0..3 {
                     model.forward(&x)?;
                 }
+                device.synchronize()?;
                 for _ in 0..runs {
                     let t = Instant::now();
                     model.forward(&x)?;
+                    // A GPU returns before the work is done: time it to the end.
+                    device.synchronize()?;
                     times.push(t.elapsed().as_secs_f64() * 1e3);
                 }
                 Ok(())
@@ -99,6 +120,8 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = arg("--json") {
         let report = serde_json::json!({
             "runtime": "candle (this project)",
+            "device": device_name,
+            "dtype": format!("{dtype:?}").to_lowercase(),
             "threads": threads,
             "runs": runs,
             "trials": trials,

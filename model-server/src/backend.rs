@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::efficientnet::EfficientNetLite0;
 
@@ -35,14 +35,15 @@ impl Classifier for EfficientNetLite0 {
     }
 }
 
-/// Builds the classifier named by a version's `architecture`.
+/// Builds the classifier named by a version's `architecture`, computing in `dtype` on `device`.
 pub fn load(
     architecture: &str,
     weights: &Path,
     device: &Device,
+    dtype: DType,
 ) -> Result<Box<dyn Classifier>, BackendError> {
     match architecture {
-        "efficientnet-lite0" => EfficientNetLite0::load(weights, device)
+        "efficientnet-lite0" => EfficientNetLite0::load_as(weights, device, dtype)
             .map(|m| Box::new(m) as Box<dyn Classifier>)
             .map_err(|e| BackendError::Load(format!("{}: {e}", weights.display()))),
         other => Err(BackendError::UnknownArchitecture(other.to_owned())),

@@ -2,7 +2,9 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use candle_core::{DType, Device};
 use clap::Parser;
 
 /// Serves image classifiers from a model repository over the Open Inference
@@ -28,20 +30,30 @@ pub struct Config {
     #[arg(long, env = "INFERENCE_THREADS", default_value_t = 0)]
     pub threads: usize,
 
-    /// Most images in one request and in one model execution.
-    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 8)]
-    pub max_batch_size: usize,
+    /// Where inference runs: `cpu`, `cuda` (the first GPU) or `cuda:N`. CUDA needs a server built with
+    /// `--features cuda`.
+    #[arg(long, env = "DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceChoice,
+
+    /// Precision of the weights and activations: `f32`, or `f16`/`bf16` on CUDA (the logits are returned as
+    /// f32 either way).
+    #[arg(long, env = "DTYPE", default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    pub dtype: String,
+
+    /// Most images in one request and in one model execution [default: 8 on the CPU, 32 on CUDA].
+    #[arg(long, env = "MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
 
     /// Microseconds a batch that is not full may wait, after its oldest request arrived, for more requests
     /// to join it. 0 runs whatever is waiting as soon as the model is free: on a CPU every core is already busy
-    /// with one batch, so waiting adds latency without adding throughput. A GPU gains from a short wait.
+    /// with one batch, so waiting adds latency without adding throughput, while a GPU runs a batch of 32 in
+    /// about the time of one image [default: 0 on the CPU, 2000 on CUDA].
     #[arg(
         long = "max-queue-delay",
         env = "MAX_QUEUE_DELAY_US",
-        default_value_t = 0,
         value_name = "MICROSECONDS"
     )]
-    pub max_queue_delay_us: u64,
+    pub max_queue_delay_us: Option<u64>,
 
     /// Requests that may wait per model version; beyond this new requests
     /// are refused at once with RESOURCE_EXHAUSTED.
@@ -81,13 +93,19 @@ pub struct ConfigError(String);
 impl Config {
     /// Checks rules that span fields or that clap cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.max_batch_size == 0 {
+        if self.max_batch_size() == 0 {
             return Err(ConfigError("--max-batch-size must be at least 1".into()));
         }
         if self.max_queue_size == 0 {
             return Err(ConfigError("--max-queue-size must be at least 1".into()));
         }
-        if self.max_queue_delay_us > 10_000_000 {
+        if self.dtype != "f32" && self.device == DeviceChoice::Cpu {
+            return Err(ConfigError(format!(
+                "--dtype {} needs --device cuda: the CPU kernels compute in f32",
+                self.dtype
+            )));
+        }
+        if self.max_queue_delay().as_micros() > 10_000_000 {
             return Err(ConfigError(
                 "--max-queue-delay is in microseconds and at most 10000000 (10 s)".into(),
             ));
@@ -100,6 +118,31 @@ impl Config {
         Ok(())
     }
 
+    /// `--max-batch-size`, or the device's default.
+    pub fn max_batch_size(&self) -> usize {
+        self.max_batch_size.unwrap_or(match self.device {
+            DeviceChoice::Cpu => 8,
+            DeviceChoice::Cuda(_) => 32,
+        })
+    }
+
+    /// `--max-queue-delay`, or the device's default.
+    pub fn max_queue_delay(&self) -> Duration {
+        Duration::from_micros(self.max_queue_delay_us.unwrap_or(match self.device {
+            DeviceChoice::Cpu => 0,
+            DeviceChoice::Cuda(_) => 2_000,
+        }))
+    }
+
+    /// The element type the model computes in.
+    pub fn dtype(&self) -> DType {
+        match self.dtype.as_str() {
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+
     /// The number of inference threads to start.
     pub fn inference_threads(&self) -> usize {
         if self.threads > 0 {
@@ -107,5 +150,121 @@ impl Config {
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         }
+    }
+}
+
+/// The device `--device` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    /// A CUDA GPU by ordinal.
+    Cuda(usize),
+}
+
+fn parse_device(text: &str) -> Result<DeviceChoice, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "cpu" => Ok(DeviceChoice::Cpu),
+        "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceChoice::Cuda)
+            .ok_or_else(|| format!("`{text}` is not a device: use cpu, cuda or cuda:N")),
+    }
+}
+
+impl DeviceChoice {
+    /// Opens the device; CUDA is refused with a reason when this build lacks it or no such GPU answers.
+    pub fn open(self) -> Result<Device, ConfigError> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda(_) if !candle_core::utils::cuda_is_available() => Err(ConfigError(
+                "--device cuda: this model server was built without CUDA; build it with `--features cuda` \
+                 (or use the CUDA image)"
+                    .into(),
+            )),
+            DeviceChoice::Cuda(n) => Device::new_cuda(n).map_err(|e| {
+                ConfigError(format!(
+                    "--device cuda:{n}: no usable GPU ({e}); check `nvidia-smi` and, in a container, that \
+                     it was started with GPUs (`docker run --gpus all`)"
+                ))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("model-server").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn devices_parse_and_defaults_follow_the_device() {
+        let cpu = config(&[]).unwrap();
+        assert_eq!(cpu.device, DeviceChoice::Cpu);
+        assert_eq!(
+            (cpu.max_batch_size(), cpu.max_queue_delay()),
+            (8, Duration::ZERO)
+        );
+        let gpu = config(&["--device", "cuda:1"]).unwrap();
+        assert_eq!(gpu.device, DeviceChoice::Cuda(1));
+        assert_eq!(
+            (gpu.max_batch_size(), gpu.max_queue_delay()),
+            (32, Duration::from_millis(2))
+        );
+        assert_eq!(
+            config(&["--device", "CUDA"]).unwrap().device,
+            DeviceChoice::Cuda(0)
+        );
+        let set = config(&[
+            "--device",
+            "cuda",
+            "--max-batch-size",
+            "4",
+            "--max-queue-delay",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(
+            (set.max_batch_size(), set.max_queue_delay()),
+            (4, Duration::ZERO)
+        );
+        for bad in ["tpu", "cuda:", "cuda:x", "cuda:-1"] {
+            let e = config(&["--device", bad]).unwrap_err().to_string();
+            assert!(e.contains("use cpu, cuda or cuda:N"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn half_precision_is_refused_on_the_cpu() {
+        let e = config(&["--dtype", "f16"])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--dtype f16 needs --device cuda"), "{e}");
+        assert!(
+            config(&["--dtype", "bf16", "--device", "cuda"])
+                .unwrap()
+                .validate()
+                .is_ok()
+        );
+        assert!(config(&["--dtype", "f64"]).is_err());
+    }
+
+    #[test]
+    fn cuda_is_refused_clearly_when_it_cannot_run() {
+        // On a machine with a GPU and a CUDA build this opens the device; elsewhere it says why not.
+        if let Err(e) = DeviceChoice::Cuda(0).open() {
+            let e = e.to_string();
+            assert!(
+                e.contains("built without CUDA") || e.contains("no usable GPU"),
+                "{e}"
+            );
+        }
+        assert!(matches!(DeviceChoice::Cpu.open(), Ok(Device::Cpu)));
     }
 }

@@ -131,6 +131,14 @@ const STEM_KERNEL: usize = 3;
 const STEM_STRIDE: usize = 2;
 
 impl Stem {
+    fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.to_dtype(dtype)?,
+            dense: self.dense.clone(),
+            epilogue: self.epilogue.to_dtype(dtype)?,
+        })
+    }
+
     fn load(w: &mut Weights) -> Result<Self> {
         let (weight, bias) =
             load_conv_bn(w, "_conv_stem", "_bn0", (STEM_CHANNELS, 3, STEM_KERNEL))?;
@@ -170,6 +178,20 @@ struct MbConv {
 }
 
 impl MbConv {
+    /// The depthwise layer stays f32: its CUDA kernel computes in f32.
+    fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            expand: self
+                .expand
+                .as_ref()
+                .map(|e| e.to_dtype(dtype))
+                .transpose()?,
+            depthwise: self.depthwise.clone(),
+            project: self.project.to_dtype(dtype)?,
+            skip: self.skip,
+        })
+    }
+
     fn load(w: &mut Weights, index: usize, s: BlockSpec) -> Result<Self> {
         let p = format!("_blocks.{index}");
         let mid = s.cin * s.expand;
@@ -224,12 +246,23 @@ pub struct EfficientNetLite0 {
     fc_weight: Tensor,
     fc_bias: Tensor,
     device: Device,
+    dtype: DType,
 }
 
 impl EfficientNetLite0 {
     /// Builds the network from `efficientnet_pytorch`-named tensors; every
     /// tensor must be used, so a checkpoint of another variant is refused.
     pub fn from_tensors(tensors: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+        Self::from_tensors_as(tensors, device, DType::F32)
+    }
+
+    /// [`Self::from_tensors`] computing in `dtype`. BatchNorm is folded in f32 first either way; f16 and
+    /// bf16 are for CUDA (the CPU kernels compute in f32).
+    pub fn from_tensors_as(
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let mut w = Weights {
             tensors,
             device: device.clone(),
@@ -255,19 +288,50 @@ impl EfficientNetLite0 {
                 "checkpoint has tensors EfficientNet-Lite0 does not use: {unused:?}"
             );
         }
-        Ok(Self {
+        let net = Self {
             stem,
             blocks,
             head,
             fc_weight,
             fc_bias,
             device: device.clone(),
+            dtype: DType::F32,
+        };
+        if dtype == DType::F32 {
+            return Ok(net);
+        }
+        Ok(Self {
+            stem: net.stem.to_dtype(dtype)?,
+            blocks: net
+                .blocks
+                .iter()
+                .map(|b| b.to_dtype(dtype))
+                .collect::<Result<_>>()?,
+            head: net.head.to_dtype(dtype)?,
+            fc_weight: net.fc_weight.to_dtype(dtype)?,
+            fc_bias: net.fc_bias.to_dtype(dtype)?,
+            device: net.device,
+            dtype,
         })
     }
 
     /// Loads the network from a safetensors file.
     pub fn load(path: &std::path::Path, device: &Device) -> Result<Self> {
-        Self::from_tensors(candle_core::safetensors::load(path, &Device::Cpu)?, device)
+        Self::load_as(path, device, DType::F32)
+    }
+
+    /// Loads the network from a safetensors file, computing in `dtype`.
+    pub fn load_as(path: &std::path::Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::from_tensors_as(
+            candle_core::safetensors::load(path, &Device::Cpu)?,
+            device,
+            dtype,
+        )
+    }
+
+    /// The element type it computes in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The device the weights live on.
@@ -277,15 +341,17 @@ impl EfficientNetLite0 {
 }
 
 impl Module for EfficientNetLite0 {
-    /// Normalised f32 `[N, 3, 224, 224]` in, logits `[N, 1000]` out.
+    /// Normalised `[N, 3, 224, 224]` in, f32 logits `[N, 1000]` out.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.stem.forward(x)?;
+        let mut y = self.stem.forward(&x.to_dtype(self.dtype)?)?;
         for block in &self.blocks {
             y = block.forward(&y)?;
         }
         let y = self.head.forward(&y, None)?;
         let (n, h, w, c) = y.dims4()?;
         let y = y.reshape((n, h * w, c))?.mean(1)?;
-        y.matmul(&self.fc_weight)?.broadcast_add(&self.fc_bias)
+        y.matmul(&self.fc_weight)?
+            .broadcast_add(&self.fc_bias)?
+            .to_dtype(DType::F32)
     }
 }

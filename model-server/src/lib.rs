@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use candle_core::Device;
 use oip_proto::GrpcInferenceServiceServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -55,6 +54,8 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    // Before anything else: a GPU that cannot be had is a configuration error, not a model that fails to load.
+    let device = config.device.open()?;
     let entries = repository::scan(&config.model_repository)?;
     let threads = config.inference_threads();
     let pool = rayon::ThreadPoolBuilder::new()
@@ -88,11 +89,13 @@ pub async fn serve_with(
             .set_service_status(name, ServingStatus::NotServing)
             .await;
     }
+    tracing::info!(device = ?config.device, dtype = %config.dtype, max_batch_size = config.max_batch_size(), max_queue_delay_us = config.max_queue_delay().as_micros() as u64, "inference device");
     let opts = LoadOptions {
         pool: Arc::new(pool),
-        device: Device::Cpu,
-        max_batch_size: config.max_batch_size,
-        max_queue_delay: std::time::Duration::from_micros(config.max_queue_delay_us),
+        device,
+        dtype: config.dtype(),
+        max_batch_size: config.max_batch_size(),
+        max_queue_delay: config.max_queue_delay(),
         queue_size: config.max_queue_size,
     };
     let loader = {
@@ -119,7 +122,7 @@ pub async fn serve_with(
         .build_v1()
         .context("building the reflection service")?;
     let inference =
-        GrpcInferenceServiceServer::new(InferenceService::new(registry, config.max_batch_size))
+        GrpcInferenceServiceServer::new(InferenceService::new(registry, config.max_batch_size()))
             .max_decoding_message_size(config.max_message_size)
             .max_encoding_message_size(config.max_message_size);
 

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::backend;
 use crate::batcher::{self, Batcher, ModelSpec};
@@ -75,6 +75,8 @@ impl Slot {
 pub struct LoadOptions {
     pub pool: Arc<rayon::ThreadPool>,
     pub device: Device,
+    /// Element type of the weights and activations (f16/bf16 only on CUDA).
+    pub dtype: DType,
     pub max_batch_size: usize,
     pub max_queue_delay: std::time::Duration,
     pub queue_size: usize,
@@ -169,12 +171,12 @@ async fn load(slot: &Slot, opts: &LoadOptions) -> Result<Loaded, InferError> {
     let config = slot.config()?.clone();
     let weights = slot.entry.weights_path(&config);
     let labels_path = slot.entry.dir.join(&config.labels);
-    let (pool, device) = (opts.pool.clone(), opts.device.clone());
+    let (pool, device, dtype) = (opts.pool.clone(), opts.device.clone(), opts.dtype);
     let started = std::time::Instant::now();
     let arch = config.architecture.clone();
     let (classifier, labels) = tokio::task::spawn_blocking(move || {
         pool.install(|| {
-            let classifier = backend::load(&arch, &weights, &device)?;
+            let classifier = backend::load(&arch, &weights, &device, dtype)?;
             let labels = read_labels(&labels_path, config.num_classes)?;
             Ok::<_, InferError>((classifier, labels))
         })

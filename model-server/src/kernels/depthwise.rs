@@ -75,10 +75,24 @@ impl Depthwise {
     /// `[N, H, W, C]` in, `[N, ceil(H/s), ceil(W/s), C]` out.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == DType::F32 {
-            x.contiguous()?.apply_op1_no_bwd(self)
-        } else {
-            self.forward_with_candle(x)
+            return x.contiguous()?.apply_op1_no_bwd(self);
         }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let op = super::depthwise_cuda::DepthwiseCuda {
+                kernel: self.kernel,
+                stride: self.stride,
+                relu6: self.relu6,
+            };
+            // The kernel computes in f32 whatever the model's dtype: a cast each way is cheap next to the
+            // convolution, and the taps sum without rounding to half precision.
+            return x
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .apply_op3_no_bwd(&self.weight, &self.bias, &op)?
+                .to_dtype(x.dtype());
+        }
+        self.forward_with_candle(x)
     }
 
     /// The same convolution from candle's grouped conv2d, for other devices.
@@ -91,14 +105,14 @@ impl Depthwise {
             .pad_with_zeros(2, top, bottom)?
             .pad_with_zeros(3, left, right)?
             .conv2d(
-                &self.weight.to_device(x.device())?,
+                &self.weight.to_device(x.device())?.to_dtype(x.dtype())?,
                 0,
                 self.stride,
                 1,
                 self.channels,
             )?
             .permute((0, 2, 3, 1))?
-            .broadcast_add(&self.bias.to_device(x.device())?)?;
+            .broadcast_add(&self.bias.to_device(x.device())?.to_dtype(x.dtype())?)?;
         if self.relu6 {
             y.clamp(0f32, 6f32)
         } else {

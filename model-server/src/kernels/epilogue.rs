@@ -28,6 +28,15 @@ impl Epilogue {
         })
     }
 
+    /// The bias in `dtype`, for the candle path of devices other than the CPU.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            bias: self.bias.to_dtype(dtype)?,
+            bias_cpu: self.bias_cpu.clone(),
+            relu6: self.relu6,
+        })
+    }
+
     /// Number of channels the bias covers.
     pub fn channels(&self) -> usize {
         self.bias_cpu.len()

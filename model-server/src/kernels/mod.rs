@@ -3,11 +3,14 @@
 //! fused into the pass that produces the output.
 //!
 //! All of them split their work with rayon, so they run on the pool the
-//! caller installed (the server's inference pool). On other devices they fall
-//! back to candle's own operations.
+//! caller installed (the server's inference pool). On CUDA the depthwise
+//! convolution has a kernel of its own (`depthwise_cuda`); the other layers
+//! use candle's CUDA operations.
 
 pub mod dense;
 pub mod depthwise;
+#[cfg(feature = "cuda")]
+pub mod depthwise_cuda;
 pub mod epilogue;
 pub mod pointwise;
 

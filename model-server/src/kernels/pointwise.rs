@@ -43,6 +43,15 @@ impl Pointwise {
         })
     }
 
+    /// The layer computing in `dtype` on devices other than the CPU (whose kernel stays f32).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.to_dtype(dtype)?,
+            gemm: self.gemm.clone(),
+            epilogue: self.epilogue.to_dtype(dtype)?,
+        })
+    }
+
     /// `[N, H, W, Cin]` in, `[N, H, W, Cout]` out; `residual` (shaped like
     /// the output) is added after the bias, as MBConv's skip connection.
     pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
