@@ -72,7 +72,8 @@ if $smoke; then
 else
     cargo build --locked "${cargo_profile[@]}" -p model-server -p gateway -p loadtest --bins
 fi
-cargo bench --locked "${cargo_profile[@]}" -p model-server --bench inference --no-run
+# --workspace, not -p model-server: features unify as in the tests' build, so smoke mode compiles only the bench.
+cargo bench --locked "${cargo_profile[@]}" --workspace --bench inference --no-run
 MAKE_MODEL_REPOSITORY="$bin_dir/make-model-repository" scripts/setup-model-repository.sh
 export MODEL_REPOSITORY="$root/model-repository"
 
@@ -93,7 +94,7 @@ EOF
 # ---- 1. model compute -----------------------------------------------------------------------------------------
 for t in 1 2; do
     say "compute: ours, $t thread(s)"
-    cargo bench --locked "${cargo_profile[@]}" -p model-server --bench inference -- \
+    cargo bench --locked "${cargo_profile[@]}" --workspace --bench inference -- \
         --threads "$t" --runs "$runs" --trials "$trials" --batches 1,8 --json "$work/results/compute-ours-t$t.json"
 done
 ort_model="${ORT_MODEL:-$root/../shared/reference/efficientnet_lite0.onnx}"

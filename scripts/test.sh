@@ -57,17 +57,18 @@ else
     say "kubectl not found: skipped the Kubernetes manifest checks (scripts/check-k8s.py)"
 fi
 
-# The CUDA build, with NVIDIA's compiler from PyPI and no GPU: it compiles and links (scripts/gpu-check.sh runs it
-# on a GPU). SKIP_CUDA_BUILD=1 leaves it out.
-if [[ "${SKIP_CUDA_BUILD:-0}" != 1 ]]; then
-    say "building the model server with --features cuda (scripts/cuda-build-check.sh)"
-    scripts/cuda-build-check.sh
-fi
-
 if docker info >/dev/null 2>&1; then
     # dev: the binaries cargo test just built, so CI compiles the workspace once.
     say "running the containers end to end"
     IMAGE_PROFILE=dev scripts/compose-test.sh
 else
     say "no Docker engine answers: skipped the containers end to end (scripts/compose-test.sh)"
+fi
+
+# The CUDA build, with NVIDIA's compiler from PyPI and no GPU: it compiles and links (scripts/gpu-check.sh runs it
+# on a GPU). Last, because it replaces target/debug/model-server with the CUDA binary, which needs the NVIDIA
+# driver to start; the containers above run the CPU one. SKIP_CUDA_BUILD=1 leaves it out.
+if [[ "${SKIP_CUDA_BUILD:-0}" != 1 ]]; then
+    say "building the model server with --features cuda (scripts/cuda-build-check.sh)"
+    scripts/cuda-build-check.sh
 fi
