@@ -45,9 +45,6 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     );
     // A client's W3C `traceparent` makes this request part of its trace; otherwise a new trace starts here.
     observability::set_parent_from_http(&span, request.headers());
-    if let Some(trace_id) = observability::trace_id(&span) {
-        span.record("trace_id", trace_id);
-    }
     request.extensions_mut().insert(RequestId(id.clone()));
 
     let in_flight = state.metrics.request_started();

@@ -12,7 +12,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Module, Tensor};
+use model_server::config::{DeviceChoice, parse_dtype};
 use model_server::efficientnet::EfficientNetLite0;
 
 // The server's allocator, so allocation costs are the server's too.
@@ -63,19 +64,13 @@ fn main() -> anyhow::Result<()> {
         .num_threads(threads)
         .build()?;
     let device_name = arg("--device").unwrap_or_else(|| "cpu".into());
-    let device = match device_name.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::new_cuda(n)?,
-            None => anyhow::bail!("--device wants cpu, cuda or cuda:N, not {other}"),
-        },
-    };
-    let dtype = match arg("--dtype").as_deref().unwrap_or("f32") {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => anyhow::bail!("--dtype wants f32, f16 or bf16, not {other}"),
+    let device = device_name
+        .parse::<DeviceChoice>()
+        .map_err(anyhow::Error::msg)?
+        .open()?;
+    let dtype_name = arg("--dtype").unwrap_or_else(|| "f32".into());
+    let Some(dtype) = parse_dtype(&dtype_name) else {
+        anyhow::bail!("--dtype wants f32, f16 or bf16, not {dtype_name}");
     };
     let model = pool.install(|| EfficientNetLite0::load_as(&weights, &device, dtype))?;
     println!(

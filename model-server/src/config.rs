@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use candle_core::{DType, Device};
@@ -32,7 +33,7 @@ pub struct Config {
 
     /// Where inference runs: `cpu`, `cuda` (the first GPU) or `cuda:N`. CUDA needs a server built with
     /// `--features cuda`.
-    #[arg(long, env = "DEVICE", default_value = "cpu", value_parser = parse_device)]
+    #[arg(long, env = "DEVICE", default_value = "cpu", value_parser = DeviceChoice::from_str)]
     pub device: DeviceChoice,
 
     /// Precision of the weights and activations: `f32`, or `f16`/`bf16` on CUDA (the logits are returned as
@@ -136,11 +137,8 @@ impl Config {
 
     /// The element type the model computes in.
     pub fn dtype(&self) -> DType {
-        match self.dtype.as_str() {
-            "f16" => DType::F16,
-            "bf16" => DType::BF16,
-            _ => DType::F32,
-        }
+        // clap has already refused any other name.
+        parse_dtype(&self.dtype).unwrap_or(DType::F32)
     }
 
     /// The number of inference threads to start.
@@ -161,15 +159,29 @@ pub enum DeviceChoice {
     Cuda(usize),
 }
 
-fn parse_device(text: &str) -> Result<DeviceChoice, String> {
-    match text.trim().to_ascii_lowercase().as_str() {
-        "cpu" => Ok(DeviceChoice::Cpu),
-        "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(DeviceChoice::Cuda)
-            .ok_or_else(|| format!("`{text}` is not a device: use cpu, cuda or cuda:N")),
+impl FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| format!("`{text}` is not a device: use cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+/// The element type a `--dtype` name stands for.
+pub fn parse_dtype(name: &str) -> Option<DType> {
+    match name {
+        "f32" => Some(DType::F32),
+        "f16" => Some(DType::F16),
+        "bf16" => Some(DType::BF16),
+        _ => None,
     }
 }
 

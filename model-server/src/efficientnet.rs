@@ -329,11 +329,6 @@ impl EfficientNetLite0 {
         )
     }
 
-    /// The element type it computes in.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device

@@ -206,9 +206,6 @@ impl GrpcInferenceService for InferenceService {
         );
         // The caller's trace (W3C `traceparent` in the metadata) becomes this span's parent.
         observability::set_parent_from_grpc(&span, req.metadata());
-        if let Some(trace_id) = observability::trace_id(&span) {
-            span.record("trace_id", trace_id);
-        }
         let mut r = req.into_inner();
         span.record("model", r.model_name.as_str());
         span.record("version", r.model_version.as_str());

@@ -50,7 +50,8 @@ impl Injector for MetadataMut<'_> {
 }
 
 /// Makes `span` a child of the trace in `headers`, if they carry a valid `traceparent`; a missing or malformed
-/// one leaves `span` the root of a new trace.
+/// one leaves `span` the root of a new trace. Either way the trace id goes into the span's `trace_id` field
+/// (declare it `tracing::field::Empty`), so every log line inside the span carries it.
 pub fn set_parent_from_http(span: &tracing::Span, headers: &http::HeaderMap) {
     let parent = global::get_text_map_propagator(|p| p.extract(&Headers(headers)));
     set_parent(span, parent);
@@ -67,6 +68,9 @@ fn set_parent(span: &tracing::Span, parent: opentelemetry::Context) {
         // Fails only when no OpenTelemetry layer is installed (tests that set no subscriber): nothing to join.
         let _ = span.set_parent(parent);
     }
+    if let Some(id) = trace_id(span) {
+        span.record("trace_id", id);
+    }
 }
 
 /// Writes `span`'s trace context into outgoing gRPC `metadata`, so the callee's spans join the trace.
@@ -76,7 +80,7 @@ pub fn inject_grpc(span: &tracing::Span, metadata: &mut MetadataMap) {
 }
 
 /// The trace id of `span` in hex, when it belongs to a trace.
-pub fn trace_id(span: &tracing::Span) -> Option<String> {
+fn trace_id(span: &tracing::Span) -> Option<String> {
     let cx = span.context();
     let span_context = cx.span().span_context().clone();
     span_context

@@ -17,7 +17,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-pub use context::{inject_grpc, set_parent_from_grpc, set_parent_from_http, trace_id};
+pub use context::{inject_grpc, set_parent_from_grpc, set_parent_from_http};
 
 /// Why logging or tracing could not be set up.
 #[derive(Debug, thiserror::Error)]
