@@ -1,7 +1,8 @@
-//! A bounded queue in front of each model version and the OS thread that
-//! drains it. Requests waiting when the model becomes free run together as
-//! one batch, on the inference thread pool; with a queue delay, a batch that
-//! is not full waits up to that long after its oldest request for more.
+//! A bounded queue in front of each model version and the OS threads that
+//! drain it, one per instance. Requests waiting when an instance becomes free
+//! run together as one batch, on that instance's thread pool; with a queue
+//! delay, a batch that is not full waits up to that long after its oldest
+//! request for more.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -51,7 +52,7 @@ struct Job {
 #[derive(Debug)]
 struct QueueFull;
 
-/// What the batching thread should do next.
+/// What a free instance should do next.
 #[derive(Debug)]
 enum Next {
     /// Run these jobs as one batch.
@@ -147,7 +148,7 @@ impl State {
     }
 }
 
-/// The queue shared by the handles and the batching thread.
+/// The queue shared by the handles and the instances' threads.
 struct Queue {
     state: Mutex<State>,
     changed: Condvar,
@@ -162,7 +163,7 @@ impl Queue {
     }
 }
 
-/// Closes the queue when the last handle goes, so the thread can finish.
+/// Closes the queue when the last handle goes, so the instances' threads can finish.
 struct Handle {
     queue: Arc<Queue>,
     name: Arc<str>,
@@ -176,7 +177,7 @@ impl Drop for Handle {
     }
 }
 
-/// What the batching thread needs to know about its model.
+/// What the instances' threads need to know about their model.
 pub struct ModelSpec {
     pub name: String,
     pub version: u64,
@@ -195,15 +196,25 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the batching thread of one model version. The thread exits
-    /// when every handle is dropped.
+    /// Starts one thread per pool in `pools`, each an instance of the model
+    /// that takes the next batch from the version's one queue whenever it is
+    /// free and runs it on its own pool; they share `classifier` and its
+    /// weights. The threads finish what is queued and exit when every handle
+    /// is dropped.
     pub fn spawn(
         spec: ModelSpec,
-        classifier: Box<dyn Classifier>,
-        pool: Arc<rayon::ThreadPool>,
+        classifier: Arc<dyn Classifier>,
+        pools: &[Arc<rayon::ThreadPool>],
         queue_size: usize,
         stats: Arc<Stats>,
     ) -> std::io::Result<Self> {
+        // Without a thread to drain it, every request would wait for ever.
+        if pools.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a model version needs at least one instance",
+            ));
+        }
         let queue = Arc::new(Queue {
             state: Mutex::new(State::new(
                 queue_size,
@@ -213,19 +224,28 @@ impl Batcher {
             changed: Condvar::new(),
         });
         let name: Arc<str> = Arc::from(spec.name.as_str());
-        let worker = Worker {
-            spec,
-            classifier,
-            pool,
+        // Made before any thread starts: if one cannot start, dropping it closes the queue and the threads
+        // already started exit instead of waiting for ever.
+        let handle = Arc::new(Handle {
+            queue: queue.clone(),
+            name: name.clone(),
             stats: stats.clone(),
-        };
-        let thread_queue = queue.clone();
-        std::thread::Builder::new()
-            .name(format!("batcher-{name}"))
-            .spawn(move || worker.run(&thread_queue))?;
-        Ok(Self {
-            handle: Arc::new(Handle { queue, name, stats }),
-        })
+        });
+        let spec = Arc::new(spec);
+        for (instance, pool) in pools.iter().enumerate() {
+            let worker = Worker {
+                spec: spec.clone(),
+                instance,
+                classifier: classifier.clone(),
+                pool: pool.clone(),
+                stats: stats.clone(),
+            };
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("batcher-{name}-{instance}"))
+                .spawn(move || worker.run(&queue))?;
+        }
+        Ok(Self { handle })
     }
 
     /// Queues a request and waits for its result. A full queue is refused at
@@ -265,15 +285,20 @@ impl Batcher {
     }
 }
 
+/// One instance: a thread that runs batches on its own pool.
 struct Worker {
-    spec: ModelSpec,
-    classifier: Box<dyn Classifier>,
+    spec: Arc<ModelSpec>,
+    instance: usize,
+    classifier: Arc<dyn Classifier>,
     pool: Arc<rayon::ThreadPool>,
     stats: Arc<Stats>,
 }
 
 impl Worker {
-    /// Runs batches until the queue is closed and empty.
+    /// Runs batches until the queue is closed and empty. A worker looks at
+    /// the queue only while it is free, so the batch it takes is one it runs
+    /// at once; it runs it without the lock, so the other instances keep
+    /// taking batches meanwhile.
     fn run(self, queue: &Queue) {
         let mut state = queue.lock();
         loop {
@@ -283,7 +308,12 @@ impl Worker {
             }
             match next {
                 Next::Run(jobs) => {
+                    let more = state.depth() > 0;
                     drop(state);
+                    // The wake-up for what is left may have been this worker's own: pass it on to a free one.
+                    if more {
+                        queue.changed.notify_one();
+                    }
                     let images = jobs.iter().map(|j| j.request.batch).sum();
                     self.execute(jobs, images);
                     state = queue.lock();
@@ -312,7 +342,7 @@ impl Worker {
             job.queued = tracing::Span::none();
         }
         let started = Instant::now();
-        let span = tracing::info_span!("infer_batch", model = %self.spec.name, version = self.spec.version, batch = images);
+        let span = tracing::info_span!("infer_batch", model = %self.spec.name, version = self.spec.version, instance = self.instance, batch = images);
         for job in &jobs {
             span.follows_from(&job.span);
         }
@@ -554,6 +584,146 @@ mod tests {
         let (extra, _extra_rx) = job(1, now);
         assert!(state.append(extra).is_err());
         assert_eq!(state.depth(), 2);
+    }
+
+    const CLASSES: usize = 4;
+    /// A first input value that makes [`Gated`] hold its batch until the gate opens.
+    const HOLD: f32 = 1.0;
+
+    /// Answers zero logits; a batch starting with [`HOLD`] waits for the gate, as a long batch would.
+    #[derive(Default)]
+    struct Gated {
+        open: Mutex<bool>,
+        changed: Condvar,
+        held: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Gated {
+        fn open(&self) {
+            *self.open.lock().unwrap() = true;
+            self.changed.notify_all();
+        }
+    }
+
+    impl Classifier for Gated {
+        fn logits(&self, x: &Tensor) -> Result<Tensor, BackendError> {
+            let err = |e: candle_core::Error| BackendError::Inference(e.to_string());
+            let first = x.flatten_all().and_then(|t| t.get(0)?.to_scalar::<f32>());
+            if first.map_err(err)? == HOLD {
+                self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut open = self.open.lock().unwrap();
+                while !*open {
+                    open = self.changed.wait(open).unwrap();
+                }
+            }
+            Tensor::zeros((x.dim(0).map_err(err)?, CLASSES), DType::F32, &Device::Cpu).map_err(err)
+        }
+    }
+
+    /// A batcher of `instances` one-thread instances over a 1x1 model.
+    fn spawn_gated(instances: usize) -> std::io::Result<(Batcher, Arc<Gated>)> {
+        let classifier = Arc::new(Gated::default());
+        let pools: Vec<_> = (0..instances)
+            .map(|_| {
+                Arc::new(
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(1)
+                        .build()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        let spec = ModelSpec {
+            name: "gated".into(),
+            version: 1,
+            input: InputSize {
+                height: 1,
+                width: 1,
+                channels: 3,
+            },
+            normalisation: Normalisation {
+                mean: 0.0,
+                std: 1.0,
+            },
+            num_classes: CLASSES,
+            max_batch_size: 8,
+            max_queue_delay: Duration::ZERO,
+        };
+        let batcher = Batcher::spawn(spec, classifier.clone(), &pools, 64, Arc::default())?;
+        Ok((batcher, classifier))
+    }
+
+    fn image(first: f32) -> Request {
+        Request {
+            batch: 1,
+            images: Images::Normalised(vec![first, 0.0, 0.0]),
+        }
+    }
+
+    /// Polls `done` every millisecond for up to five seconds, letting other tasks run meanwhile.
+    async fn eventually(done: impl Fn() -> bool) -> bool {
+        let until = Instant::now() + Duration::from_secs(5);
+        while !done() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        done()
+    }
+
+    #[tokio::test]
+    async fn a_busy_instance_does_not_hold_up_the_others() {
+        let (batcher, classifier) = spawn_gated(2).unwrap();
+        let held = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.infer(image(HOLD)).await }
+        });
+        // Once it runs, the held request is out of the queue: the next one cannot join its batch.
+        assert!(
+            eventually(|| classifier.held.load(std::sync::atomic::Ordering::SeqCst) == 1).await
+        );
+        let free = tokio::time::timeout(Duration::from_secs(5), batcher.infer(image(0.0))).await;
+        assert!(
+            matches!(free, Ok(Ok(_))),
+            "the free instance did not answer"
+        );
+        classifier.open();
+        assert!(held.await.unwrap().is_ok());
+        let stats = batcher.stats().snapshot();
+        assert_eq!((stats.inference_count, stats.execution_count), (2, 2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn instances_answer_every_request_once_and_count_it() {
+        let (batcher, _classifier) = spawn_gated(3).unwrap();
+        let requests: Vec<_> = (0..40)
+            .map(|_| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.infer(image(0.0)).await })
+            })
+            .collect();
+        for request in requests {
+            let response = request.await.unwrap().unwrap();
+            assert_eq!(response.logits, [0.0; CLASSES]);
+        }
+        let stats = batcher.stats().snapshot();
+        assert_eq!(stats.inference_count, 40);
+        assert_eq!(stats.success_count, 40);
+    }
+
+    #[test]
+    fn a_batcher_without_instances_is_refused() {
+        let e = spawn_gated(0)
+            .err()
+            .expect("no instance to drain the queue");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    }
+
+    #[tokio::test]
+    async fn every_instance_thread_exits_when_the_last_handle_goes() {
+        let (batcher, classifier) = spawn_gated(3).unwrap();
+        // Each instance's thread holds the classifier until it exits.
+        assert_eq!(Arc::strong_count(&classifier), 4);
+        drop(batcher);
+        assert!(eventually(|| Arc::strong_count(&classifier) == 1).await);
     }
 
     #[test]

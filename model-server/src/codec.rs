@@ -391,6 +391,7 @@ mod tests {
                 std: 128.0,
             },
             preprocessing: serde_json::Value::Null,
+            instance_group: None,
         }
     }
 

@@ -27,9 +27,17 @@ pub struct Config {
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8002")]
     pub http_addr: SocketAddr,
 
-    /// Inference threads; 0 means one per available CPU core.
+    /// Inference threads; 0 means one per available CPU core. With several instances they are divided among
+    /// them: each instance runs on its own pool of `threads / instances` threads (at least one).
     #[arg(long, env = "INFERENCE_THREADS", default_value_t = 0)]
     pub threads: usize,
+
+    /// Instances of each model version (Triton's `instance_group`): copies of the execution context that run
+    /// batches side by side, each on its own share of `--threads`, all sharing one copy of the weights. On few
+    /// cores, several images side by side can finish sooner than one image spread over every core. A version's
+    /// `config.json` can override it with `"instance_group": {"count": N}`.
+    #[arg(long, env = "INSTANCES", default_value_t = DEFAULT_INSTANCES)]
+    pub instances: usize,
 
     /// Where inference runs: `cpu`, `cuda` (the first GPU) or `cuda:N`. CUDA needs a server built with
     /// `--features cuda`.
@@ -86,6 +94,13 @@ pub struct Config {
     pub json_logs: bool,
 }
 
+/// `--instances` when neither the flag nor `INSTANCES` is given.
+pub const DEFAULT_INSTANCES: usize = 1;
+
+/// Most instances of one model version: each is an OS thread and a thread pool, so far more than there are
+/// cores only costs memory and switching.
+pub const MAX_INSTANCES: usize = 64;
+
 /// A configuration value that cannot work.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -96,6 +111,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_batch_size() == 0 {
             return Err(ConfigError("--max-batch-size must be at least 1".into()));
+        }
+        if !(1..=MAX_INSTANCES).contains(&self.instances) {
+            return Err(ConfigError(format!(
+                "--instances must be between 1 and {MAX_INSTANCES}, got {}",
+                self.instances
+            )));
         }
         if self.max_queue_size == 0 {
             return Err(ConfigError("--max-queue-size must be at least 1".into()));
@@ -141,7 +162,7 @@ impl Config {
         parse_dtype(&self.dtype).unwrap_or(DType::F32)
     }
 
-    /// The number of inference threads to start.
+    /// The number of inference threads to start, shared out among the instances.
     pub fn inference_threads(&self) -> usize {
         if self.threads > 0 {
             self.threads
@@ -248,6 +269,28 @@ mod tests {
             let e = config(&["--device", bad]).unwrap_err().to_string();
             assert!(e.contains("use cpu, cuda or cuda:N"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn instances_default_to_one_and_must_be_between_1_and_64() {
+        let default = config(&[]).unwrap();
+        assert_eq!(default.instances, DEFAULT_INSTANCES);
+        assert!(default.validate().is_ok());
+        let two = config(&["--instances", "2", "--threads", "2"]).unwrap();
+        assert_eq!((two.instances, two.inference_threads()), (2, 2));
+        assert!(two.validate().is_ok());
+        for bad in ["0", "65"] {
+            let e = config(&["--instances", bad])
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("--instances must be between 1 and 64"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(config(&["--instances", "-1"]).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod error;
 pub mod http;
 pub mod kernels;
 pub mod metrics;
+pub mod pools;
 pub mod pth;
 pub mod registry;
 pub mod repository;
@@ -58,11 +59,11 @@ pub async fn serve_with(
     let device = config.device.open()?;
     let entries = repository::scan(&config.model_repository)?;
     let threads = config.inference_threads();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("inference-{i}"))
-        .build()
-        .context("starting the inference thread pool")?;
+    let pools = Arc::new(pools::Pools::new(threads));
+    // The flag's layout is started now, so pools that cannot start fail the server rather than every model.
+    pools
+        .get(config.instances)
+        .context("starting the inference thread pools")?;
     let registry = Arc::new(Registry::new(entries));
     let stopping = Arc::new(AtomicBool::new(false));
     let http_addr = http_listener.local_addr()?;
@@ -91,7 +92,8 @@ pub async fn serve_with(
     }
     tracing::info!(device = ?config.device, dtype = %config.dtype, max_batch_size = config.max_batch_size(), max_queue_delay_us = config.max_queue_delay().as_micros() as u64, "inference device");
     let opts = LoadOptions {
-        pool: Arc::new(pool),
+        pools,
+        instances: config.instances,
         device,
         dtype: config.dtype(),
         max_batch_size: config.max_batch_size(),
@@ -121,13 +123,16 @@ pub async fn serve_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    let inference =
-        GrpcInferenceServiceServer::new(InferenceService::new(registry, config.max_batch_size()))
-            .max_decoding_message_size(config.max_message_size)
-            .max_encoding_message_size(config.max_message_size);
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(
+        registry,
+        config.max_batch_size(),
+        config.instances,
+    ))
+    .max_decoding_message_size(config.max_message_size)
+    .max_encoding_message_size(config.max_message_size);
 
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, %http_addr, threads, repository = %config.model_repository.display(), "gRPC server listening");
+    tracing::info!(%addr, %http_addr, threads, instances = config.instances, repository = %config.model_repository.display(), "gRPC server listening");
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let (began, draining) = tokio::sync::oneshot::channel::<()>();
     let shutdown = {

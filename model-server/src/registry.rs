@@ -9,6 +9,7 @@ use candle_core::{DType, Device};
 use crate::backend;
 use crate::batcher::{self, Batcher, ModelSpec};
 use crate::error::InferError;
+use crate::pools::{self, Pools};
 use crate::repository::{self, VersionConfig, VersionEntry};
 use crate::stats::Stats;
 
@@ -73,7 +74,10 @@ impl Slot {
 
 /// Loading parameters shared by every model version.
 pub struct LoadOptions {
-    pub pool: Arc<rayon::ThreadPool>,
+    /// The inference threads, shared out among each version's instances.
+    pub pools: Arc<Pools>,
+    /// Instances of a version whose config.json has no `instance_group` (`--instances`).
+    pub instances: usize,
     pub device: Device,
     /// Element type of the weights and activations (f16/bf16 only on CUDA).
     pub dtype: DType,
@@ -171,7 +175,27 @@ async fn load(slot: &Slot, opts: &LoadOptions) -> Result<Loaded, InferError> {
     let config = slot.config()?.clone();
     let weights = slot.entry.weights_path(&config);
     let labels_path = slot.entry.dir.join(&config.labels);
-    let (pool, device, dtype) = (opts.pool.clone(), opts.device.clone(), opts.dtype);
+    let instances = config.instances(opts.instances);
+    let threads_per_instance = pools::threads_per_instance(opts.pools.threads(), instances);
+    if instances > opts.pools.threads() {
+        tracing::warn!(
+            model = %slot.model,
+            version = slot.version,
+            instances,
+            threads = opts.pools.threads(),
+            "more instances than inference threads: each gets one thread and they take turns on the cores"
+        );
+    }
+    let load_error = |e: String| InferError::Backend(backend::BackendError::Load(e));
+    let instance_pools = opts
+        .pools
+        .get(instances)
+        .map_err(|e| load_error(format!("starting the inference thread pools: {e}")))?;
+    let pool = instance_pools
+        .first()
+        .cloned()
+        .ok_or_else(|| load_error("no instance to run on".into()))?;
+    let (device, dtype) = (opts.device.clone(), opts.dtype);
     let started = std::time::Instant::now();
     let arch = config.architecture.clone();
     let (classifier, labels) = tokio::task::spawn_blocking(move || {
@@ -182,7 +206,7 @@ async fn load(slot: &Slot, opts: &LoadOptions) -> Result<Loaded, InferError> {
         })
     })
     .await
-    .map_err(|e| InferError::Backend(backend::BackendError::Load(e.to_string())))??;
+    .map_err(|e| load_error(e.to_string()))??;
     let spec = ModelSpec {
         name: slot.model.clone(),
         version: slot.version,
@@ -192,24 +216,25 @@ async fn load(slot: &Slot, opts: &LoadOptions) -> Result<Loaded, InferError> {
         max_batch_size: opts.max_batch_size,
         max_queue_delay: opts.max_queue_delay,
     };
+    // One copy of the weights, shared by every instance.
     let batcher = Batcher::spawn(
         spec,
-        classifier,
-        opts.pool.clone(),
+        Arc::from(classifier),
+        &instance_pools,
         opts.queue_size,
         slot.stats.clone(),
     )
-    .map_err(|e| {
-        InferError::Backend(backend::BackendError::Load(format!(
-            "starting batcher thread: {e}"
-        )))
-    })?;
+    .map_err(|e| load_error(format!("starting batcher thread: {e}")))?;
     batcher::warm_up(&batcher, config.input).await?;
     slot.stats.reset();
     tracing::info!(
         model = %slot.model,
         version = slot.version,
         architecture = %config.architecture,
+        instances,
+        threads_per_instance,
+        max_batch_size = opts.max_batch_size,
+        max_queue_delay_us = opts.max_queue_delay.as_micros() as u64,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "loaded and warmed up"
     );

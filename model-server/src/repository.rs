@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::config::MAX_INSTANCES;
+
 /// Name of the per-version configuration file.
 pub const CONFIG_FILE: &str = "config.json";
 
@@ -48,6 +50,15 @@ pub struct Normalisation {
     pub std: f32,
 }
 
+/// `instance_group` of a version's `config.json`, after Triton's: how many copies of the execution context
+/// run this version side by side.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+// A misspelt `count`, or Triton's `kind`, which the server's `--device` decides, is refused rather than ignored.
+#[serde(deny_unknown_fields)]
+pub struct InstanceGroup {
+    pub count: usize,
+}
+
 /// `config.json` of one model version.
 #[derive(Debug, Clone, Deserialize)]
 pub struct VersionConfig {
@@ -63,6 +74,16 @@ pub struct VersionConfig {
     /// The preprocessing recipe clients should apply; informational here.
     #[serde(default)]
     pub preprocessing: serde_json::Value,
+    /// Instances of this version; overrides `--instances` when present.
+    #[serde(default)]
+    pub instance_group: Option<InstanceGroup>,
+}
+
+impl VersionConfig {
+    /// Instances to run: the version's own `instance_group.count`, or `default` (`--instances`).
+    pub fn instances(&self, default: usize) -> usize {
+        self.instance_group.map_or(default, |g| g.count)
+    }
 }
 
 /// One `<model>/<version>` directory, with its config read and checked.
@@ -174,6 +195,13 @@ pub fn read_config(dir: &Path) -> Result<VersionConfig, RepositoryError> {
             "normalisation needs a finite mean and a finite non-zero std".into(),
         ));
     }
+    if let Some(InstanceGroup { count }) = config.instance_group
+        && !(1..=MAX_INSTANCES).contains(&count)
+    {
+        return Err(invalid(format!(
+            "instance_group.count must be between 1 and {MAX_INSTANCES}, got {count}"
+        )));
+    }
     Ok(config)
 }
 
@@ -201,12 +229,26 @@ mod tests {
     use super::*;
 
     fn config_json(classes: usize) -> String {
+        config_json_with(classes, "")
+    }
+
+    /// A valid config with `extra` (`"key": value, `) added to its fields.
+    fn config_json_with(classes: usize, extra: &str) -> String {
         format!(
-            r#"{{"architecture": "efficientnet-lite0", "weights": "model.safetensors",
+            r#"{{{extra}"architecture": "efficientnet-lite0", "weights": "model.safetensors",
                 "labels": "labels.txt", "num_classes": {classes},
                 "input": {{"height": 224, "width": 224, "channels": 3}},
                 "normalisation": {{"mean": 127.0, "std": 128.0}}}}"#
         )
+    }
+
+    /// Writes `body` as a version's config.json and reads it back.
+    fn read(name: &str, body: &str) -> Result<VersionConfig, RepositoryError> {
+        let root = temp_repo(name);
+        std::fs::write(root.join(CONFIG_FILE), body).unwrap();
+        let config = read_config(&root);
+        std::fs::remove_dir_all(root).unwrap();
+        config
     }
 
     fn temp_repo(name: &str) -> PathBuf {
@@ -255,6 +297,50 @@ mod tests {
             Err(RepositoryError::Missing(_))
         ));
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn instance_group_is_optional_and_overrides_the_flag() {
+        let plain = read("instances-none", &config_json(10)).unwrap();
+        assert_eq!(plain.instance_group, None);
+        assert_eq!(plain.instances(3), 3);
+        let two = read(
+            "instances-two",
+            &config_json_with(10, r#""instance_group": {"count": 2}, "#),
+        )
+        .unwrap();
+        assert_eq!(two.instance_group, Some(InstanceGroup { count: 2 }));
+        assert_eq!(two.instances(3), 2);
+    }
+
+    #[test]
+    fn instance_group_count_is_checked() {
+        for (name, group, expected) in [
+            (
+                "zero",
+                r#"{"count": 0}"#,
+                "instance_group.count must be between 1 and 64, got 0",
+            ),
+            (
+                "huge",
+                r#"{"count": 65}"#,
+                "instance_group.count must be between 1 and 64, got 65",
+            ),
+            ("negative", r#"{"count": -1}"#, "not a valid model config"),
+            ("missing", r#"{}"#, "missing field `count`"),
+            (
+                "kind",
+                r#"{"count": 1, "kind": "KIND_GPU"}"#,
+                "unknown field `kind`",
+            ),
+            ("array", r#"[{"count": 2}]"#, "not a valid model config"),
+        ] {
+            let body = config_json_with(10, &format!(r#""instance_group": {group}, "#));
+            let e = read(&format!("instances-{name}"), &body)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(expected), "{name}: {e}");
+        }
     }
 
     #[test]

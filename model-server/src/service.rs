@@ -39,14 +39,17 @@ const PLATFORM: &str = "candle";
 pub struct InferenceService {
     registry: Arc<Registry>,
     max_batch_size: usize,
+    /// `--instances`, which a version's own `instance_group` overrides.
+    instances: usize,
 }
 
 impl InferenceService {
     /// A service answering for every model in `registry`.
-    pub fn new(registry: Arc<Registry>, max_batch_size: usize) -> Self {
+    pub fn new(registry: Arc<Registry>, max_batch_size: usize, instances: usize) -> Self {
         Self {
             registry,
             max_batch_size,
+            instances,
         }
     }
 }
@@ -87,7 +90,12 @@ fn model_output(name: &str, classes: usize) -> ModelOutput {
     }
 }
 
-fn model_config(name: &str, c: &VersionConfig, max_batch_size: usize) -> ModelConfig {
+fn model_config(
+    name: &str,
+    c: &VersionConfig,
+    max_batch_size: usize,
+    instances: usize,
+) -> ModelConfig {
     ModelConfig {
         name: name.to_owned(),
         platform: PLATFORM.to_owned(),
@@ -113,7 +121,7 @@ fn model_config(name: &str, c: &VersionConfig, max_batch_size: usize) -> ModelCo
         ],
         instance_group: vec![ModelInstanceGroup {
             name: format!("{name}_cpu"),
-            count: 1,
+            count: i32::try_from(c.instances(instances)).unwrap_or(i32::MAX),
             kind: model_instance_group::Kind::Cpu as i32,
             ..Default::default()
         }],
@@ -247,7 +255,12 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelConfigResponse>, Status> {
         let r = req.into_inner();
         let slot = self.registry.resolve(&r.name, &r.version)?;
-        let config = model_config(&slot.model, slot.config()?, self.max_batch_size);
+        let config = model_config(
+            &slot.model,
+            slot.config()?,
+            self.max_batch_size,
+            self.instances,
+        );
         Ok(Response::new(ModelConfigResponse {
             config: Some(config),
         }))
