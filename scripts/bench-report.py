@@ -10,6 +10,10 @@ import sys
 RESULTS = sys.argv[1]
 
 
+# The gateway routes under load in (3) and (6): result-file name and label.
+HTTP_TARGETS = (("test", "`/test`"), ("url", "predict by URL"))
+
+
 def load(name):
     path = os.path.join(RESULTS, name)
     if not os.path.exists(path):
@@ -24,6 +28,12 @@ def fmt(value, digits=1):
 
 def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
+
+
+def times(a, b):
+    """a / b as "1.23x", or n/a."""
+    r = ratio(a, b)
+    return "n/a" if r is None else f"{r:.2f}x"
 
 
 def compute_row(report, batch):
@@ -65,11 +75,106 @@ def parse_wrk(path):
         out[f"p{pct}"] = float(m.group(1)) * units[m.group(2)] if m else None
     total = re.search(r"(\d+) requests in", text)
     out["requests"] = int(total.group(1)) if total else None
+    if not out["requests"]:
+        # No request finished: wrk prints a distribution of zeros.
+        out.update(p50=None, p90=None, p99=None)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     socket_errors = re.search(r"Socket errors: (.*)", text)
     out["errors"] = (f"non-2xx {non2xx.group(1)}" if non2xx else "0") + (
         f"; socket: {socket_errors.group(1)}" if socket_errors else "")
     return out
+
+
+def loadtest_row(label, run):
+    return (f"| {label} | {run['transactions'] if run else 'n/a'} | {fmt(run['throughput_rps'] if run else None)} | "
+            f"{fmt(latency(run, 'p50'))} | {fmt(latency(run, 'p90'))} | {fmt(latency(run, 'p99'))} | {errors(run)} |")
+
+
+def wrk_row(label, wrk):
+    return (f"| {label} | {wrk['requests']} | {fmt(wrk['rps'])} | {fmt(wrk['p50'])} | {fmt(wrk['p90'])} | "
+            f"{fmt(wrk['p99'])} | {wrk['errors']} |")
+
+
+def add_wrk_report(add, wrk, summary):
+    add(f"<details><summary>{summary}</summary>")
+    add("")
+    add("```")
+    add(wrk["text"].rstrip())
+    add("```")
+    add("</details>")
+
+
+def against_python(add):
+    """Section 6: our stack beside bench/baseline, from the same loadtest and wrk runs."""
+    add("## 6. Against the Python app")
+    add("")
+    baseline = load("baseline.json")
+    if baseline is None:
+        add("Not measured in this run (no ONNX model for the Python app; set `ORT_MODEL`).")
+        add("")
+        return
+    versions = baseline["versions"]
+    add(f"`bench/baseline`: the app people run instead of this project, Flask {versions['flask']} under gunicorn "
+        f"{versions['gunicorn']} with onnxruntime {versions['onnxruntime']} (Python {baseline['python']}): "
+        f"{baseline['workers']} sync workers with {baseline['ort_threads']} onnxruntime thread each, the model "
+        f"(`{baseline['model']}`, the ONNX export of the same weights) loaded in every worker, and fetch, decode, "
+        "preprocessing and inference all done in the request. It ran after our stack had stopped, under the same "
+        "`loadtest` runs as (3). Ours ÷ Python: above 1 is better for throughput, below 1 for latency.")
+    add("")
+    add("| target | concurrency | ours req/s | Python req/s | ours ÷ Python req/s | ours p50 ms | Python p50 ms | "
+        "ours ÷ Python p50 | ours p99 ms | Python p99 ms | ours ÷ Python p99 | errors ours / Python |")
+    add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, label in HTTP_TARGETS:
+        for c in (1, 10):
+            ours, theirs = load(f"stack-{name}-c{c}.json"), load(f"baseline-{name}-c{c}.json")
+            ours_rps = ours["throughput_rps"] if ours else None
+            theirs_rps = theirs["throughput_rps"] if theirs else None
+            cells = [fmt(ours_rps), fmt(theirs_rps), times(ours_rps, theirs_rps)]
+            for p in ("p50", "p99"):
+                a, b = latency(ours, p), latency(theirs, p)
+                cells += [fmt(a), fmt(b), times(a, b)]
+            add(f"| {label} | {c} | {' | '.join(cells)} | {errors(ours)} / {errors(theirs)} |")
+    add("")
+    ours, theirs = load("stack-url-c10.json"), load("baseline-url-c10.json")
+    if ours and theirs and theirs["throughput_rps"]:
+        add(f"Predict by URL at concurrency 10: ours serves {ours['throughput_rps'] / theirs['throughput_rps']:.2f}x "
+            f"the Python app's throughput, at p50 {fmt(latency(ours, 'p50'))} ms against "
+            f"{fmt(latency(theirs, 'p50'))} ms and p99 {fmt(latency(ours, 'p99'))} ms against "
+            f"{fmt(latency(theirs, 'p99'))} ms.")
+        add("")
+
+    cold = load("cold-start.json")
+    stack_rss = [load("rss-gateway.json"), load("rss-model-server-stack.json")]
+    ours_rss = sum(r["peak_rss_kib"] for r in stack_rss) / 1024 if all(stack_rss) else None
+    add("| what | ours | Python |")
+    add("| --- | --- | --- |")
+    add(f"| start to ready | {cold['cold_start_ms'] if cold else 'n/a'} ms (model server) | "
+        f"{baseline['ready_ms']} ms (gunicorn answering `/health`) |")
+    add(f"| peak RSS, all processes | {fmt(ours_rss)} MiB (gateway + model server) | "
+        f"{fmt(baseline['peak_rss_kib'] / 1024)} MiB (gunicorn + {baseline['workers']} workers) |")
+    add("")
+
+    wrk_ours = parse_wrk(os.path.join(RESULTS, "wrk-stack-test-c10.txt"))
+    wrk_theirs = parse_wrk(os.path.join(RESULTS, "wrk-baseline-test-c10.txt"))
+    if wrk_ours and wrk_theirs:
+        add("The same `wrk -t 2 -c 10 --latency` on GET `/test` as (5), on each:")
+        add("")
+        add("| tool and target | requests | throughput req/s | p50 ms | p90 ms | p99 ms | errors |")
+        add("| --- | --- | --- | --- | --- | --- | --- |")
+        add(wrk_row("wrk, ours", wrk_ours))
+        add(wrk_row("wrk, Python", wrk_theirs))
+        add(loadtest_row("loadtest, ours", load("stack-test-c10.json")))
+        add(loadtest_row("loadtest, Python", load("baseline-test-c10.json")))
+        add("")
+        if wrk_ours["rps"] and wrk_theirs["rps"]:
+            add(f"Under wrk, ours serves {times(wrk_ours['rps'], wrk_theirs['rps'])} the Python app's throughput, "
+                f"at {times(wrk_ours['p50'], wrk_theirs['p50'])} its p50 and "
+                f"{times(wrk_ours['p99'], wrk_theirs['p99'])} its p99.")
+            add("")
+        add_wrk_report(add, wrk_theirs, "wrk's report on the Python app")
+    else:
+        add("wrk did not run on both.")
+    add("")
 
 
 def main():
@@ -86,6 +191,8 @@ def main():
             "These numbers mean nothing.**")
         add("")
     add(f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, Linux {machine['kernel']}")
+    add(f"- CPU caches: L2 {machine.get('l2_cache') or 'n/a'}, L3 {machine.get('l3_cache') or 'n/a'}; "
+        f"SIMD: {' '.join(machine.get('cpu_flags') or []) or 'n/a'}")
     add(f"- Date: {machine['date']}; commit `{machine['commit']}`; {machine['rustc']}")
     add(f"- Load runs: {machine['duration']} each after a warm-up; compute: median of {machine['trials']} trial "
         f"medians of {machine['runs']} runs each")
@@ -114,7 +221,7 @@ def main():
             om = o["median_ms"] if o else None
             rm = r["median_ms"] if r else None
             add(f"| {t} | {batch} | {fmt(om)} | {fmt(o['images_per_s'] if o else None)} | {fmt(rm)} | "
-                f"{fmt(r['images_per_s'] if r else None)} | {fmt(ratio(om, rm), 2)}x |")
+                f"{fmt(r['images_per_s'] if r else None)} | {times(om, rm)} |")
     add("")
     o1, r1 = compute_row(load("compute-ours-t2.json"), 1), compute_row(load("compute-ort-t2.json"), 1)
     o8, r8 = compute_row(load("compute-ours-t2.json"), 8), compute_row(load("compute-ort-t2.json"), 8)
@@ -174,7 +281,7 @@ def main():
     add("| target | concurrency | requests | throughput req/s | p50 ms | p90 ms | p99 ms | p50 model ms | "
         "gateway share at p50 ms | errors |")
     add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, label in (("test", "`/test`"), ("url", "predict by URL")):
+    for name, label in HTTP_TARGETS:
         for c in (1, 10):
             run = load(f"stack-{name}-c{c}.json")
             model = server_p50(run, "inference")
@@ -211,31 +318,26 @@ def main():
     # 5. wrk
     add("## 5. Cross-check with wrk")
     add("")
-    wrk = parse_wrk(os.path.join(RESULTS, "wrk-test-c10.txt"))
+    wrk = parse_wrk(os.path.join(RESULTS, "wrk-stack-test-c10.txt"))
     ours = load("stack-test-c10.json")
     if wrk:
         add("`wrk -t 2 -c 10 --latency` on GET `/test`, against the same servers as (3), after them:")
         add("")
         add("| tool | requests | throughput req/s | p50 ms | p90 ms | p99 ms | errors |")
         add("| --- | --- | --- | --- | --- | --- | --- |")
-        add(f"| wrk | {wrk['requests']} | {fmt(wrk['rps'])} | {fmt(wrk['p50'])} | {fmt(wrk['p90'])} | "
-            f"{fmt(wrk['p99'])} | {wrk['errors']} |")
-        add(f"| loadtest | {ours['transactions'] if ours else 'n/a'} | {fmt(ours['throughput_rps'] if ours else None)} | "
-            f"{fmt(latency(ours, 'p50'))} | {fmt(latency(ours, 'p90'))} | {fmt(latency(ours, 'p99'))} | "
-            f"{errors(ours)} |")
+        add(wrk_row("wrk", wrk))
+        add(loadtest_row("loadtest", ours))
         add("")
         if ours and wrk["rps"]:
             add(f"loadtest's throughput is {ours['throughput_rps'] / wrk['rps']:.2f}x wrk's.")
             add("")
-        add("<details><summary>wrk's report</summary>")
-        add("")
-        add("```")
-        add(wrk["text"].rstrip())
-        add("```")
-        add("</details>")
+        add_wrk_report(add, wrk, "wrk's report")
     else:
         add("wrk did not run.")
     add("")
+
+    # 6. the Python app
+    against_python(add)
     print("\n".join(lines))
 
 

@@ -6,15 +6,18 @@
 #   3. gateway + model server under loadtest at concurrency 1 and 10, on /test and on predict-by-URL (a 500x375
 #      JPEG served from loopback), with the gateway's own share of the latency;
 #   4. peak RSS of each server, and the model server's cold start to ready;
-#   5. wrk against /test at concurrency 10, to check (3) with a load generator we did not write.
+#   5. wrk against /test at concurrency 10, to check (3) with a load generator we did not write;
+#   6. the Python app of bench/baseline (Flask + gunicorn + onnxruntime on the ONNX export of the same weights), after
+#      our stack has stopped, under the same loadtest runs as (3) and the same wrk run as (5).
 #
 #   scripts/bench.sh [--smoke] [--out FILE]
 #
 # --smoke: seconds-long runs with the dev-profile binaries the tests already built, to prove the script works (CI
 # runs this); it writes target/bench/BENCHMARKS.md unless --out says otherwise, and its numbers mean nothing.
-# Environment: ORT_MODEL, the ONNX file for onnxruntime (default: the reference export beside the checkout,
-# ../shared/reference/efficientnet_lite0.onnx; without one, part 1 has our numbers only). BENCH_DURATION and
-# BENCH_TRIALS override the load-test duration and the compute trials.
+# Environment: ORT_MODEL, the ONNX file for onnxruntime and the Python app (default: the reference export beside the
+# checkout, ../shared/reference/efficientnet_lite0.onnx; without one, part 1 has our numbers only and part 6 is
+# skipped). BENCH_DURATION and BENCH_TRIALS override the load-test duration and the compute trials. The Python app's
+# virtual environment is kept in .cache/baseline-venv and reused.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,6 +51,10 @@ else
 fi
 threads=2
 model=efficientnet-lite0
+ort_model="${ORT_MODEL:-$root/../shared/reference/efficientnet_lite0.onnx}"
+baseline=false
+[[ -f "$ort_model" ]] && baseline=true
+baseline_venv="$root/.cache/baseline-venv"
 
 # ---- tools ----------------------------------------------------------------------------------------------------
 if ! command -v wrk >/dev/null 2>&1; then
@@ -63,6 +70,14 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-bench.txt
 py=.venv/bin/python
+if $baseline; then
+    # The Python app's own pinned versions, apart from ours; pip returns at once when they are already there.
+    if [[ ! -x "$baseline_venv/bin/python" ]]; then
+        say "creating $baseline_venv for the Python app"
+        python3 -m venv "$baseline_venv"
+    fi
+    "$baseline_venv/bin/pip" install --quiet --disable-pip-version-check -r bench/baseline/requirements.txt
+fi
 
 say "building ($profile)"
 cargo_profile=(--profile "$profile")
@@ -78,15 +93,30 @@ MAKE_MODEL_REPOSITORY="$bin_dir/make-model-repository" scripts/setup-model-repos
 export MODEL_REPOSITORY="$root/model-repository"
 
 # ---- machine --------------------------------------------------------------------------------------------------
-cpu="$(LC_ALL=C lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n1)"
-$py - "$work/results/machine.json" "$cpu" "$(nproc)" "$smoke" "$duration" "$trials" "$runs" <<'EOF'
-import json, os, platform, subprocess, sys, datetime
-path, cpu, cores, smoke, duration, trials, runs = sys.argv[1:]
+# The CPU as lscpu names it, its cache sizes, and the instruction-set extensions the kernels (ours and onnxruntime's)
+# choose from, as /proc/cpuinfo names them (x86 "flags", Arm "Features").
+$py - "$work/results/machine.json" "$(LC_ALL=C lscpu)" "$(nproc)" "$smoke" "$duration" "$trials" "$runs" <<'EOF'
+import json, os, platform, re, subprocess, sys, datetime
+path, lscpu, cores, smoke, duration, trials, runs = sys.argv[1:]
+def lscpu_field(name):
+    m = re.search(rf"^{re.escape(name)}:\s*(.+)$", lscpu, re.M)
+    return m.group(1).strip() if m else None
+SIMD = ["sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512dq", "avx512bw", "avx512vl",
+        "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimdhp",
+        "asimddp", "sve", "sve2", "bf16", "i8mm"]
+cpu_flags = set()
+for line in open("/proc/cpuinfo"):
+    key, _, value = line.partition(":")
+    if key.strip() in ("flags", "Features"):
+        cpu_flags = set(value.split())
+        break
 mem_kib = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")))
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
-json.dump(dict(cpu=cpu or platform.processor(), cores=int(cores), memory_gib=round(mem_kib / 2**20, 1),
-               kernel=platform.release(), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+json.dump(dict(cpu=lscpu_field("Model name") or platform.processor(), cpu_flags=[f for f in SIMD if f in cpu_flags],
+               l2_cache=lscpu_field("L2 cache"), l3_cache=lscpu_field("L3 cache"), cores=int(cores),
+               memory_gib=round(mem_kib / 2**20, 1), kernel=platform.release(),
+               date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                commit=commit, rustc=rustc, smoke=smoke == "true", duration=duration, trials=int(trials),
                runs=int(runs)), open(path, "w"), indent=2)
 EOF
@@ -97,8 +127,7 @@ for t in 1 2; do
     cargo bench --locked "${cargo_profile[@]}" --workspace --bench inference -- \
         --threads "$t" --runs "$runs" --trials "$trials" --batches 1,8 --json "$work/results/compute-ours-t$t.json"
 done
-ort_model="${ORT_MODEL:-$root/../shared/reference/efficientnet_lite0.onnx}"
-if [[ -f "$ort_model" ]]; then
+if $baseline; then
     say "compute: onnxruntime"
     $py scripts/bench-ort.py "$ort_model" --threads 1,2 --runs "$runs" --trials "$trials" --out-dir "$work/results"
     printf '%s\n' "$(basename "$ort_model")" >"$work/results/ort-model.txt"
@@ -109,7 +138,9 @@ fi
 # ---- servers --------------------------------------------------------------------------------------------------
 free_port() { $py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 pids=()
+pgroups=()
 cleanup() {
+    for g in "${pgroups[@]}"; do stop_group "$g"; done
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
 }
@@ -145,7 +176,45 @@ stop() {
     wait "$1" 2>/dev/null || true
 }
 
+# Stops a process group whose leader is our child: SIGTERM to every member, then SIGKILL to whatever is left after
+# 10 s, so no worker outlives the script.
+stop_group() {
+    kill -TERM -- "-$1" 2>/dev/null || true
+    for _ in $(seq 1 500); do
+        kill -0 -- "-$1" 2>/dev/null || break
+        sleep 0.02
+    done
+    kill -KILL -- "-$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
 loadtest() { "$bin_dir/loadtest" "$@" --duration "$duration" --warmup "$warmup" --json; }
+
+# Waits until URL answers 2xx while process PID lives; dies after SECONDS, or when it exits, naming LOG.
+wait_http() {
+    local url="$1" pid="$2" what="$3" log="$4" seconds="$5"
+    for _ in $(seq 1 $((seconds * 50))); do
+        curl -fsS "$url" >/dev/null 2>&1 && return 0
+        kill -0 "$pid" 2>/dev/null || die "$what exited; see $log"
+        sleep 0.02
+    done
+    die "$what was not ready within $seconds s; see $log"
+}
+
+# The HTTP runs of (3) and (5) against the server at URL (ours, then the Python app's, the same for both): loadtest
+# on /test and predict-by-URL at concurrency 1 and 10, then wrk on /test at concurrency 10; results named NAME-*.
+http_runs() {
+    local url="$1" name="$2" what="$3" c
+    for c in 1 10; do
+        say "$what: /test, concurrency $c"
+        loadtest test --gateway "$url" --concurrency "$c" >"$work/results/$name-test-c$c.json"
+        say "$what: predict by URL, concurrency $c"
+        loadtest predict-url --gateway "$url" --serve-dir "$work/images" --concurrency "$c" \
+            >"$work/results/$name-url-c$c.json"
+    done
+    say "$what: wrk on /test, concurrency 10"
+    wrk -t 2 -c 10 -d "$wrk_duration" --latency "$url/test" >"$work/results/wrk-$name-test-c10.txt"
+}
 
 # ---- 2. the model server alone --------------------------------------------------------------------------------
 # Off: one image per execution. On: up to 8, whatever is waiting when the model gets free (no extra delay: with
@@ -181,25 +250,57 @@ gw_port="$(free_port)"
 gw_pid=$!
 pids+=("$gw_pid")
 gateway="http://127.0.0.1:$gw_port"
-for _ in $(seq 1 1500); do
-    curl -fsS "$gateway/readyz" >/dev/null 2>&1 && break
-    kill -0 "$gw_pid" 2>/dev/null || die "the gateway exited; see $work/gateway.log"
-    sleep 0.02
-done
-curl -fsS "$gateway/readyz" >/dev/null || die "the gateway was not ready within 30 s; see $work/gateway.log"
-for c in 1 10; do
-    say "stack: /test, concurrency $c"
-    loadtest test --gateway "$gateway" --concurrency "$c" >"$work/results/stack-test-c$c.json"
-    say "stack: predict by URL, concurrency $c"
-    loadtest predict-url --gateway "$gateway" --serve-dir "$work/images" --concurrency "$c" \
-        >"$work/results/stack-url-c$c.json"
-done
-say "wrk: /test, concurrency 10"
-wrk -t 2 -c 10 -d "$wrk_duration" --latency "$gateway/test" >"$work/results/wrk-test-c10.txt"
+wait_http "$gateway/readyz" "$gw_pid" "the gateway" "$work/gateway.log" 30
+http_runs "$gateway" stack stack
 printf '{"peak_rss_kib": %s}\n' "$(peak_rss_kib "$gw_pid")" >"$work/results/rss-gateway.json"
 printf '{"peak_rss_kib": %s}\n' "$(peak_rss_kib "$ms_pid")" >"$work/results/rss-model-server-stack.json"
 stop "$gw_pid"
 stop "$ms_pid"
+
+# ---- 6. the Python app ----------------------------------------------------------------------------------------
+# bench/baseline as its README runs it, on the ONNX export of the same weights, started only after our stack has
+# stopped: the same loadtest runs as (3) in the same order, and the same wrk run as (5). One gunicorn worker per
+# inference thread of ours, each with one onnxruntime thread (on 2 cores: one worker per core, its README's
+# default), so both sides compute on the same number of threads. setsid makes gunicorn the leader of its own process
+# group (a background job of this non-interactive script is never a group leader, so setsid does not fork and $! is
+# gunicorn itself), so stopping the group stops every worker.
+if $baseline; then
+    bl_port="$(free_port)"
+    say "Python app: starting bench/baseline on port $bl_port"
+    started="$(date +%s%N)"
+    env -u ORT_INTRA_OP_THREADS -u LABELS_PATH -u TEST_IMAGE -u TOP_K WORKERS="$threads" \
+        VENV="$baseline_venv" MODEL_PATH="$ort_model" setsid bench/baseline/run.sh "$bl_port" \
+        >>"$work/baseline.log" 2>&1 &
+    bl_pid=$!
+    pgroups+=("$bl_pid")
+    bl="http://127.0.0.1:$bl_port"
+    wait_http "$bl/health" "$bl_pid" "the Python app" "$work/baseline.log" 60
+    bl_ready_ms=$((($(date +%s%N) - started) / 1000000))
+    [[ "$(ps -o pgid= -p "$bl_pid" | tr -d ' ')" == "$bl_pid" ]] \
+        || die "the Python app does not lead its own process group"
+    http_runs "$bl" baseline "Python app"
+    # Peak RSS of gunicorn and its workers, summed: each worker holds its own copy of the model.
+    bl_rss=0 bl_procs=0
+    for p in $(pgrep -g "$bl_pid"); do
+        rss="$(peak_rss_kib "$p" 2>/dev/null || true)"
+        [[ -n "$rss" ]] || continue
+        bl_rss=$((bl_rss + rss)) bl_procs=$((bl_procs + 1))
+    done
+    "$baseline_venv/bin/python" - "$work/results/baseline.json" "$bl_ready_ms" "$bl_rss" "$((bl_procs - 1))" \
+        "$(basename "$ort_model")" <<'EOF'
+import json, platform, sys
+from importlib.metadata import version
+path, ready_ms, rss_kib, workers, model = sys.argv[1:]
+json.dump(dict(ready_ms=int(ready_ms), peak_rss_kib=int(rss_kib), workers=int(workers), ort_threads=1, model=model,
+               python=platform.python_version(),
+               versions={p: version(p) for p in ("flask", "gunicorn", "onnxruntime", "numpy", "pillow", "requests")}),
+          open(path, "w"), indent=2)
+EOF
+    stop_group "$bl_pid"
+    pgroups=()
+else
+    say "no ONNX model at $ort_model: skipping the Python app (bench/baseline; set ORT_MODEL)"
+fi
 
 # ---- report ---------------------------------------------------------------------------------------------------
 $py scripts/bench-report.py "$work/results" >"$out"
