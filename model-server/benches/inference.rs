@@ -2,7 +2,8 @@
 //! batch-8 throughput, run inside a dedicated rayon pool as the server does.
 //!
 //! `cargo bench -p model-server --bench inference -- [--threads N] [--runs N] [--trials N] [--batches 1,8] [--json PATH]
-//! [--device cpu|cuda[:N]] [--dtype f32|f16|bf16]` (CUDA needs `--features cuda`)
+//! [--device cpu|cuda[:N]] [--dtype f32|f16|bf16] [--cpu-kernels auto|avx512|avx2-fma|portable]` (CUDA needs
+//! `--features cuda`)
 //! Needs the model repository (MODEL_REPOSITORY, default ./model-repository).
 //! Each trial times `runs` forward passes after a warm-up; the figure quoted
 //! is the median of the trial medians, with the range, as numbers on a
@@ -15,6 +16,7 @@ use std::time::Instant;
 use candle_core::{Module, Tensor};
 use model_server::config::{DeviceChoice, parse_dtype};
 use model_server::efficientnet::EfficientNetLite0;
+use model_server::kernels::isa::Isa;
 
 // The server's allocator, so allocation costs are the server's too.
 #[global_allocator]
@@ -72,9 +74,13 @@ fn main() -> anyhow::Result<()> {
     let Some(dtype) = parse_dtype(&dtype_name) else {
         anyhow::bail!("--dtype wants f32, f16 or bf16, not {dtype_name}");
     };
-    let model = pool.install(|| EfficientNetLite0::load_as(&weights, &device, dtype))?;
+    let mut model = pool.install(|| EfficientNetLite0::load_as(&weights, &device, dtype))?;
+    if let Some(name) = arg("--cpu-kernels").filter(|n| n != "auto") {
+        model = model.with_cpu_kernels(Isa::parse_available(&name).map_err(anyhow::Error::msg)?);
+    }
+    let kernels = model.cpu_kernels().map_or("candle layers", Isa::name);
     println!(
-        "EfficientNet-Lite0, candle {device_name} {dtype:?}, {threads} threads, {trials} trials x {runs} runs"
+        "EfficientNet-Lite0, {device_name} {dtype:?} ({kernels}), {threads} threads, {trials} trials x {runs} runs"
     );
     let mut results = Vec::new();
     for batch in batches {
@@ -117,6 +123,7 @@ fn main() -> anyhow::Result<()> {
             "runtime": "candle (this project)",
             "device": device_name,
             "dtype": format!("{dtype:?}").to_lowercase(),
+            "kernels": kernels,
             "threads": threads,
             "runs": runs,
             "trials": trials,

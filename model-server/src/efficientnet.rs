@@ -8,13 +8,18 @@
 
 use std::collections::HashMap;
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use crate::kernels::dense::Dense;
 use crate::kernels::depthwise::Depthwise;
 use crate::kernels::epilogue::Epilogue;
+use crate::kernels::isa::Isa;
 use crate::kernels::pointwise::Pointwise;
 use crate::kernels::same_padding;
+
+mod fused;
 
 /// BatchNorm epsilon of the TensorFlow checkpoint.
 const BN_EPS: f64 = 1e-3;
@@ -139,14 +144,18 @@ impl Stem {
         })
     }
 
-    fn load(w: &mut Weights) -> Result<Self> {
+    /// The stem, and its folded bias for the fused network.
+    fn load(w: &mut Weights) -> Result<(Self, Tensor)> {
         let (weight, bias) =
             load_conv_bn(w, "_conv_stem", "_bn0", (STEM_CHANNELS, 3, STEM_KERNEL))?;
-        Ok(Self {
-            dense: Dense::new(&weight, STEM_STRIDE)?,
-            weight,
-            epilogue: Epilogue::new(&bias, true)?,
-        })
+        Ok((
+            Self {
+                dense: Dense::new(&weight, STEM_STRIDE)?,
+                epilogue: Epilogue::new(&bias, true)?,
+                weight,
+            },
+            bias,
+        ))
     }
 
     /// `[N, 3, H, W]` in, `[N, H/2, W/2, 32]` out.
@@ -192,39 +201,47 @@ impl MbConv {
         })
     }
 
-    fn load(w: &mut Weights, index: usize, s: BlockSpec) -> Result<Self> {
+    /// The block, and the same weights packed for the fused network.
+    fn load(w: &mut Weights, index: usize, s: BlockSpec) -> Result<(Self, fused::Block)> {
         let p = format!("_blocks.{index}");
         let mid = s.cin * s.expand;
         let expand = if s.expand == 1 {
             None
         } else {
-            let (weight, bias) = load_conv_bn(
+            Some(load_conv_bn(
                 w,
                 &format!("{p}._expand_conv"),
                 &format!("{p}._bn0"),
                 (mid, s.cin, 1),
-            )?;
-            Some(Pointwise::new(&weight, &bias, true)?)
+            )?)
         };
-        let (weight, bias) = load_conv_bn(
+        let depthwise = load_conv_bn(
             w,
             &format!("{p}._depthwise_conv"),
             &format!("{p}._bn1"),
             (mid, 1, s.kernel),
         )?;
-        let depthwise = Depthwise::new(&weight, &bias, s.stride, true)?;
-        let (weight, bias) = load_conv_bn(
+        let project = load_conv_bn(
             w,
             &format!("{p}._project_conv"),
             &format!("{p}._bn2"),
             (s.cout, mid, 1),
         )?;
-        Ok(Self {
-            expand,
-            depthwise,
-            project: Pointwise::new(&weight, &bias, false)?,
+        let packed = fused::Block::new(
+            s,
+            expand.as_ref().map(|(w, b)| (w, b)),
+            (&depthwise.0, &depthwise.1),
+            (&project.0, &project.1),
+        )?;
+        let block = Self {
+            expand: expand
+                .map(|(weight, bias)| Pointwise::new(&weight, &bias, true))
+                .transpose()?,
+            depthwise: Depthwise::new(&depthwise.0, &depthwise.1, s.stride, true)?,
+            project: Pointwise::new(&project.0, &project.1, false)?,
             skip: s.stride == 1 && s.cin == s.cout,
-        })
+        };
+        Ok((block, packed))
     }
 
     /// NHWC in and out.
@@ -245,6 +262,8 @@ pub struct EfficientNetLite0 {
     head: Pointwise,
     fc_weight: Tensor,
     fc_bias: Tensor,
+    /// The whole network fused, for f32 on the CPU.
+    fused: Option<Arc<fused::Fused>>,
     device: Device,
     dtype: DType,
 }
@@ -267,20 +286,32 @@ impl EfficientNetLite0 {
             tensors,
             device: device.clone(),
         };
-        let stem = Stem::load(&mut w)?;
-        let blocks = BLOCKS
+        let (stem, stem_bias) = Stem::load(&mut w)?;
+        let (blocks, packed): (Vec<_>, Vec<_>) = BLOCKS
             .iter()
             .enumerate()
             .map(|(i, s)| MbConv::load(&mut w, i, *s))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
         let last = BLOCKS[BLOCKS.len() - 1].cout;
         let (weight, bias) = load_conv_bn(&mut w, "_conv_head", "_bn1", (HEAD_CHANNELS, last, 1))?;
         let head = Pointwise::new(&weight, &bias, true)?;
-        let fc_weight = w
-            .get("_fc.weight", &[NUM_CLASSES, HEAD_CHANNELS])?
-            .t()?
-            .contiguous()?;
+        let fc = w.get("_fc.weight", &[NUM_CLASSES, HEAD_CHANNELS])?;
         let fc_bias = w.get("_fc.bias", &[NUM_CLASSES])?;
+        let fused = (device.is_cpu() && dtype == DType::F32)
+            .then(|| {
+                fused::Fused::new(
+                    Isa::detect(),
+                    (&stem.weight, &stem_bias),
+                    packed,
+                    (&weight, &bias),
+                    (&fc, &fc_bias),
+                )
+            })
+            .transpose()?
+            .map(Arc::new);
+        let fc_weight = fc.t()?.contiguous()?;
         let mut unused: Vec<_> = w.tensors.keys().cloned().collect();
         if !unused.is_empty() {
             unused.sort();
@@ -294,6 +325,7 @@ impl EfficientNetLite0 {
             head,
             fc_weight,
             fc_bias,
+            fused,
             device: device.clone(),
             dtype: DType::F32,
         };
@@ -310,6 +342,7 @@ impl EfficientNetLite0 {
             head: net.head.to_dtype(dtype)?,
             fc_weight: net.fc_weight.to_dtype(dtype)?,
             fc_bias: net.fc_bias.to_dtype(dtype)?,
+            fused: None,
             device: net.device,
             dtype,
         })
@@ -329,6 +362,18 @@ impl EfficientNetLite0 {
         )
     }
 
+    /// Runs the fused CPU network with `isa`'s kernels instead of the widest
+    /// this CPU has (the caller checks it is available); for comparing them.
+    pub fn with_cpu_kernels(mut self, isa: Isa) -> Self {
+        self.fused = self.fused.map(|f| Arc::new(f.with_isa(isa)));
+        self
+    }
+
+    /// The instruction set the fused CPU network runs, if this model has one.
+    pub fn cpu_kernels(&self) -> Option<Isa> {
+        self.fused.as_ref().map(|f| f.isa())
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
@@ -338,6 +383,22 @@ impl EfficientNetLite0 {
 impl Module for EfficientNetLite0 {
     /// Normalised `[N, 3, 224, 224]` in, f32 logits `[N, 1000]` out.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(fused) = &self.fused
+            && x.device().is_cpu()
+        {
+            return x
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .apply_op1_no_bwd(fused.as_ref());
+        }
+        self.forward_layers(x)
+    }
+}
+
+impl EfficientNetLite0 {
+    /// One layer at a time, on candle tensors: the path for CUDA and reduced
+    /// precision, and the fused network's check.
+    pub fn forward_layers(&self, x: &Tensor) -> Result<Tensor> {
         let mut y = self.stem.forward(&x.to_dtype(self.dtype)?)?;
         for block in &self.blocks {
             y = block.forward(&y)?;

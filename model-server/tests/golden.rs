@@ -6,6 +6,7 @@ mod common;
 use candle_core::{Device, Module, Tensor};
 use common::*;
 use model_server::efficientnet::EfficientNetLite0;
+use model_server::kernels::isa::Isa;
 
 /// A float32 forward pass agrees with the float64 reference to ~1e-5; 1e-3
 /// leaves room for summation order, and is far below what a wrong padding
@@ -68,6 +69,56 @@ fn matches_golden_logits_single_and_batched() {
             inputs[i].0
         );
         assert_eq!(argmax(row), argmax(single));
+    }
+}
+
+/// The fused CPU network against the same weights run one candle layer at a
+/// time, with every kernel set this CPU can run, on a batch of three on two
+/// threads: two images take a thread each and the third is split across both.
+/// The answers must not depend on that split: every bit is the same on one
+/// thread or two, in a batch or alone.
+#[test]
+fn fused_network_matches_layer_by_layer_with_every_kernel_set() {
+    let pool = pool();
+    let model = pool
+        .install(|| EfficientNetLite0::load(&weights(), &Device::Cpu))
+        .expect("load model");
+    let mut flat = splitmix_input();
+    for (name, _) in &PHOTOS[..2] {
+        flat.extend(normalise(&golden_pixels(name)));
+    }
+    let x = Tensor::from_slice(&flat, (3, 3, 224, 224), &Device::Cpu).expect("input");
+    let expected: Vec<f32> = pool
+        .install(|| model.forward_layers(&x))
+        .and_then(|y| y.flatten_all()?.to_vec1())
+        .expect("layer by layer");
+    for isa in Isa::available() {
+        let model = model.clone().with_cpu_kernels(isa);
+        assert_eq!(model.cpu_kernels(), Some(isa));
+        let mut runs = Vec::new();
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let got = pool.install(|| logits(&model, &flat, 3));
+            let diff = max_abs_diff(&got, &expected);
+            println!("{}, {threads} threads: max abs diff {diff:.2e}", isa.name());
+            assert!(
+                diff <= BATCH_TOLERANCE,
+                "{} kernels on {threads} threads differ from layer by layer by {diff}",
+                isa.name()
+            );
+            runs.push(got);
+            let alone = pool.install(|| logits(&model, &flat[2 * 3 * 224 * 224..], 1));
+            assert_eq!(
+                alone,
+                runs[0][2000..],
+                "{}: alone vs in a batch",
+                isa.name()
+            );
+        }
+        assert_eq!(runs[0], runs[1], "{}: one thread vs two", isa.name());
     }
 }
 

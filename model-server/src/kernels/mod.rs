@@ -12,6 +12,8 @@ pub mod depthwise;
 #[cfg(feature = "cuda")]
 pub mod depthwise_cuda;
 pub mod epilogue;
+pub mod isa;
+pub mod packed_gemm;
 pub mod pointwise;
 
 /// `lhs [m, k] x rhs [k, n]`, both row-major, into a new row-major vector,
