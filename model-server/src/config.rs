@@ -44,8 +44,8 @@ pub struct Config {
     #[arg(long, env = "DEVICE", default_value = "cpu", value_parser = DeviceChoice::from_str)]
     pub device: DeviceChoice,
 
-    /// Precision of the weights and activations: `f32`, or `f16`/`bf16` on CUDA (the logits are returned as
-    /// f32 either way).
+    /// Precision: `f32`; `f16`/`bf16` on CUDA; `bf16` on a CPU with AVX512-BF16 (products in bf16, sums in
+    /// f32). The logits are returned as f32 either way.
     #[arg(long, env = "DTYPE", default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
     pub dtype: String,
 
@@ -121,11 +121,8 @@ impl Config {
         if self.max_queue_size == 0 {
             return Err(ConfigError("--max-queue-size must be at least 1".into()));
         }
-        if self.dtype != "f32" && self.device == DeviceChoice::Cpu {
-            return Err(ConfigError(format!(
-                "--dtype {} needs --device cuda: the CPU kernels compute in f32",
-                self.dtype
-            )));
+        if self.device == DeviceChoice::Cpu {
+            check_cpu_dtype(&self.dtype, crate::kernels::isa::Isa::has_bf16())?;
         }
         if self.max_queue_delay().as_micros() > 10_000_000 {
             return Err(ConfigError(
@@ -169,6 +166,22 @@ impl Config {
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         }
+    }
+}
+
+/// Whether the CPU computes in `dtype`: f32 always, bf16 only with AVX512-BF16 (`cpu_bf16`).
+fn check_cpu_dtype(dtype: &str, cpu_bf16: bool) -> Result<(), ConfigError> {
+    match dtype {
+        "f32" => Ok(()),
+        "bf16" if cpu_bf16 => Ok(()),
+        "bf16" => Err(ConfigError(
+            "--dtype bf16 on the CPU needs AVX512-BF16, which this CPU does not have: use --dtype f32, or \
+             --device cuda"
+                .into(),
+        )),
+        other => Err(ConfigError(format!(
+            "--dtype {other} needs --device cuda: the CPU computes in f32, or bf16 where it has AVX512-BF16"
+        ))),
     }
 }
 
@@ -308,6 +321,26 @@ mod tests {
                 .is_ok()
         );
         assert!(config(&["--dtype", "f64"]).is_err());
+    }
+
+    #[test]
+    fn bf16_on_the_cpu_needs_the_instructions() {
+        assert!(check_cpu_dtype("f32", false).is_ok());
+        assert!(check_cpu_dtype("bf16", true).is_ok());
+        let e = check_cpu_dtype("bf16", false).unwrap_err().to_string();
+        assert!(
+            e.contains("needs AVX512-BF16") && e.contains("--dtype f32"),
+            "{e}"
+        );
+        let e = check_cpu_dtype("f16", true).unwrap_err().to_string();
+        assert!(e.contains("--dtype f16 needs --device cuda"), "{e}");
+        // What this CPU gets follows from what it has.
+        let here = config(&["--dtype", "bf16"]).unwrap().validate();
+        assert_eq!(
+            here.is_ok(),
+            crate::kernels::isa::Isa::has_bf16(),
+            "{here:?}"
+        );
     }
 
     #[test]

@@ -262,7 +262,7 @@ pub struct EfficientNetLite0 {
     head: Pointwise,
     fc_weight: Tensor,
     fc_bias: Tensor,
-    /// The whole network fused, for f32 on the CPU.
+    /// The whole network fused, for the CPU.
     fused: Option<Arc<fused::Fused>>,
     device: Device,
     dtype: DType,
@@ -275,13 +275,26 @@ impl EfficientNetLite0 {
         Self::from_tensors_as(tensors, device, DType::F32)
     }
 
-    /// [`Self::from_tensors`] computing in `dtype`. BatchNorm is folded in f32 first either way; f16 and
-    /// bf16 are for CUDA (the CPU kernels compute in f32).
+    /// [`Self::from_tensors`] computing in `dtype`. BatchNorm is folded in f32 first either way. On CUDA f16
+    /// and bf16 run every layer in that type; on the CPU bf16 (where the CPU has AVX512-BF16) rounds the
+    /// operands of the convolutions' and classifier's products to bf16 and sums them in f32.
     pub fn from_tensors_as(
         tensors: HashMap<String, Tensor>,
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        if device.is_cpu() {
+            match dtype {
+                DType::F32 => {}
+                DType::BF16 if Isa::has_bf16() => {}
+                DType::BF16 => candle_core::bail!(
+                    "bf16 on the CPU needs AVX512-BF16, which this CPU does not have: use f32"
+                ),
+                other => candle_core::bail!(
+                    "{other:?} on the CPU: use f32, or bf16 on a CPU with AVX512-BF16"
+                ),
+            }
+        }
         let mut w = Weights {
             tensors,
             device: device.clone(),
@@ -299,10 +312,12 @@ impl EfficientNetLite0 {
         let head = Pointwise::new(&weight, &bias, true)?;
         let fc = w.get("_fc.weight", &[NUM_CLASSES, HEAD_CHANNELS])?;
         let fc_bias = w.get("_fc.bias", &[NUM_CLASSES])?;
-        let fused = (device.is_cpu() && dtype == DType::F32)
+        let fused = device
+            .is_cpu()
             .then(|| {
                 fused::Fused::new(
                     Isa::detect(),
+                    dtype == DType::BF16,
                     (&stem.weight, &stem_bias),
                     packed,
                     (&weight, &bias),
@@ -329,7 +344,9 @@ impl EfficientNetLite0 {
             device: device.clone(),
             dtype: DType::F32,
         };
-        if dtype == DType::F32 {
+        // On the CPU the fused network does the reduced-precision work; the
+        // layers stay f32 as its check.
+        if dtype == DType::F32 || device.is_cpu() {
             return Ok(net);
         }
         Ok(Self {
@@ -367,6 +384,11 @@ impl EfficientNetLite0 {
     pub fn with_cpu_kernels(mut self, isa: Isa) -> Self {
         self.fused = self.fused.map(|f| Arc::new(f.with_isa(isa)));
         self
+    }
+
+    /// Whether the fused CPU network multiplies in bf16.
+    pub fn cpu_bf16(&self) -> bool {
+        self.fused.as_ref().is_some_and(|f| f.bf16())
     }
 
     /// The instruction set the fused CPU network runs, if this model has one.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use common::*;
 use model_server::efficientnet::EfficientNetLite0;
 use model_server::kernels::isa::Isa;
@@ -119,6 +119,40 @@ fn fused_network_matches_layer_by_layer_with_every_kernel_set() {
             );
         }
         assert_eq!(runs[0], runs[1], "{}: one thread vs two", isa.name());
+    }
+}
+
+/// bf16 on the CPU (operands of every product rounded to bf16, sums in f32)
+/// against the same golden logits: the largest difference measured over the
+/// golden photos (0.10 on an AMD EPYC Zen 4), with headroom. Far above f32's 1e-3, far below what would
+/// move a confident top-1 class.
+const BF16_TOLERANCE: f32 = 0.25;
+
+/// `--dtype bf16` on the CPU: within [`BF16_TOLERANCE`] of the golden logits
+/// with the same top-1 class on every golden photo where the CPU has
+/// AVX512-BF16, and refused with a reason where it does not.
+#[test]
+fn bf16_on_the_cpu_is_close_or_refused() {
+    let pool = pool();
+    let loaded = pool.install(|| EfficientNetLite0::load_as(&weights(), &Device::Cpu, DType::BF16));
+    if !Isa::has_bf16() {
+        let err = loaded
+            .expect_err("a CPU without bf16 must refuse it")
+            .to_string();
+        assert!(err.contains("needs AVX512-BF16"), "{err}");
+        return;
+    }
+    let model = loaded.expect("bf16 model");
+    assert!(model.cpu_bf16());
+    for (name, class) in PHOTOS {
+        let got = pool.install(|| logits(&model, &normalise(&golden_pixels(name)), 1));
+        let diff = max_abs_diff(&got, &golden_logits(name));
+        println!(
+            "{name}: bf16 max abs diff to golden logits {diff:.3}, top-1 {}",
+            argmax(&got)
+        );
+        assert!(diff < BF16_TOLERANCE, "{name}: bf16 differs by {diff}");
+        assert_eq!(argmax(&got), class, "{name}: bf16 changed the top-1 class");
     }
 }
 

@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use super::{BlockSpec, HEAD_CHANNELS, INPUT_SIZE, NUM_CLASSES, STEM_CHANNELS};
 use crate::kernels::depthwise::{Axis, RowArgs, RowFn, row_fn_for};
 use crate::kernels::isa::{Isa, l2_cache_bytes};
-use crate::kernels::packed_gemm::{Epilogue, NR, PackedB, gemm};
+use crate::kernels::packed_gemm::{Epilogue, NR, PackedB, gemm, gemm_bf16};
 use crate::kernels::same_padding;
 
 const STEM_KERNEL: usize = 3;
@@ -125,6 +125,8 @@ struct Scratch {
     depthwise: Vec<f32>,
     /// The stem's im2col rows.
     columns: Vec<f32>,
+    /// A GEMM's input in bf16, in bf16 mode.
+    pairs: Vec<u32>,
 }
 
 /// Activations of one image in flight.
@@ -171,6 +173,8 @@ fn split(panels: usize, parts: usize) -> Vec<Range<usize>> {
 /// in, logits `[N, 1000]` out.
 pub(super) struct Fused {
     isa: Isa,
+    /// Products in bf16 (AVX512-BF16), sums in f32.
+    bf16: bool,
     row_fn: RowFn,
     /// Bytes of working set a tile may use: half the L2, leaving the rest
     /// for the weights it streams.
@@ -190,6 +194,7 @@ impl std::fmt::Debug for Fused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fused")
             .field("isa", &self.isa)
+            .field("bf16", &self.bf16)
             .field("tile_bytes", &self.tile_bytes)
             .finish_non_exhaustive()
     }
@@ -198,9 +203,11 @@ impl std::fmt::Debug for Fused {
 impl Fused {
     /// From BatchNorm-folded weights: stem `[32, 3, 3, 3]`, the blocks, head
     /// `[1280, 320, 1, 1]` and the classifier `[1000, 1280]`, running the
-    /// kernels of `isa`.
+    /// kernels of `isa`; `bf16` rounds the 1x1 convolutions', stem's and
+    /// classifier's operands to bf16 (the caller checks the CPU has it).
     pub(super) fn new(
         isa: Isa,
+        bf16: bool,
         stem: (&Tensor, &Tensor),
         blocks: Vec<Block>,
         head: (&Tensor, &Tensor),
@@ -214,24 +221,41 @@ impl Fused {
             .flatten_all()?
             .to_vec1()?;
         let last = blocks.last().map_or(0, |b| b.spec.cout);
+        let pack = |b: PackedB| if bf16 { b.with_bf16() } else { b };
+        let blocks = blocks
+            .into_iter()
+            .map(|b| Block {
+                expand: b.expand.map(pack),
+                project: pack(b.project),
+                ..b
+            })
+            .collect();
+        let head = PackedB::new(
+            &transposed(head.0)?,
+            &head.1.to_vec1()?,
+            last,
+            HEAD_CHANNELS,
+        );
+        let fc = PackedB::new(
+            &transposed(fc.0)?,
+            &fc.1.to_vec1()?,
+            HEAD_CHANNELS,
+            NUM_CLASSES,
+        );
         Ok(Self {
             isa,
+            bf16,
             row_fn: row_fn_for(isa),
             tile_bytes: l2_cache_bytes() / 2,
-            stem: PackedB::new(&stem_w, &stem.1.to_vec1()?, STEM_TAPS, STEM_CHANNELS),
+            stem: pack(PackedB::new(
+                &stem_w,
+                &stem.1.to_vec1()?,
+                STEM_TAPS,
+                STEM_CHANNELS,
+            )),
             blocks,
-            head: PackedB::new(
-                &transposed(head.0)?,
-                &head.1.to_vec1()?,
-                last,
-                HEAD_CHANNELS,
-            ),
-            fc: PackedB::new(
-                &transposed(fc.0)?,
-                &fc.1.to_vec1()?,
-                HEAD_CHANNELS,
-                NUM_CLASSES,
-            ),
+            head: pack(head),
+            fc: pack(fc),
             scratch: Mutex::default(),
             activations: Mutex::default(),
         })
@@ -241,6 +265,7 @@ impl Fused {
     pub(super) fn with_isa(&self, isa: Isa) -> Self {
         Self {
             isa,
+            bf16: self.bf16,
             row_fn: row_fn_for(isa),
             tile_bytes: self.tile_bytes,
             stem: self.stem.clone(),
@@ -250,6 +275,33 @@ impl Fused {
             scratch: Mutex::default(),
             activations: Mutex::default(),
         }
+    }
+
+    /// A GEMM in this network's precision; `pairs` is scratch for bf16.
+    #[allow(clippy::too_many_arguments)]
+    fn mm(
+        &self,
+        a: &[f32],
+        lda: usize,
+        m: usize,
+        b: &PackedB,
+        k: Range<usize>,
+        panels: Range<usize>,
+        c: &mut [f32],
+        ldc: usize,
+        epilogue: Epilogue<'_>,
+        pairs: &mut Vec<u32>,
+    ) {
+        if self.bf16 {
+            gemm_bf16(a, lda, m, b, k, panels, c, ldc, epilogue, pairs);
+        } else {
+            gemm(self.isa, a, lda, m, b, k, panels, c, ldc, epilogue);
+        }
+    }
+
+    /// Whether the products are computed in bf16.
+    pub(super) fn bf16(&self) -> bool {
+        self.bf16
     }
 
     /// The instruction set the kernels use.
@@ -323,8 +375,7 @@ impl Fused {
             let n = out.len() / (wo * STEM_CHANNELS);
             let cols = at_least(&mut s.columns, n * wo * STEM_TAPS);
             im2col(x, size, axis, o0..o0 + n, cols);
-            gemm(
-                self.isa,
+            self.mm(
                 cols,
                 STEM_TAPS,
                 n * wo,
@@ -334,6 +385,7 @@ impl Fused {
                 out,
                 STEM_CHANNELS,
                 Epilogue::RELU6,
+                &mut s.pairs,
             );
             give(&self.scratch, s);
         };
@@ -449,8 +501,7 @@ impl Fused {
             let dst = &mut expanded[(fresh - need.start) * line..(need.end - need.start) * line];
             let src = &x[fresh * size * cin..need.end * size * cin];
             match &b.expand {
-                Some(e) => gemm(
-                    self.isa,
+                Some(e) => self.mm(
                     src,
                     cin,
                     (need.end - fresh) * size,
@@ -460,6 +511,7 @@ impl Fused {
                     dst,
                     width,
                     Epilogue::RELU6,
+                    &mut s.pairs,
                 ),
                 None => {
                     for (d, px) in dst.chunks_exact_mut(width).zip(src.chunks_exact(cin)) {
@@ -500,8 +552,7 @@ impl Fused {
                 residual: (first && b.skip).then(|| (&x[pixels.start * cin..], cin)),
                 relu6: false,
             };
-            gemm(
-                self.isa,
+            self.mm(
                 dw,
                 width,
                 pixels.len(),
@@ -511,6 +562,7 @@ impl Fused {
                 &mut out[pixels.start * cout..pixels.end * cout],
                 cout,
                 epilogue,
+                &mut s.pairs,
             );
         }
     }
@@ -524,8 +576,7 @@ impl Fused {
             let mut s = take(&self.scratch);
             let cols = pooled.len();
             let y = at_least(&mut s.depthwise, pixels * cols);
-            gemm(
-                self.isa,
+            self.mm(
                 x,
                 k,
                 pixels,
@@ -535,6 +586,7 @@ impl Fused {
                 y,
                 cols,
                 Epilogue::RELU6,
+                &mut s.pairs,
             );
             pooled.fill(0.0);
             for px in y.chunks_exact(cols) {
@@ -563,8 +615,7 @@ impl Fused {
             .map(|panels| {
                 let cols = (panels.end * NR).min(NUM_CLASSES) - panels.start * NR;
                 let mut y = vec![0f32; n * cols];
-                gemm(
-                    self.isa,
+                self.mm(
                     pooled,
                     HEAD_CHANNELS,
                     n,
@@ -574,6 +625,7 @@ impl Fused {
                     &mut y,
                     cols,
                     Epilogue::LINEAR,
+                    &mut Vec::new(),
                 );
                 y
             })

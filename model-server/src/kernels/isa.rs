@@ -39,6 +39,18 @@ impl Isa {
         all
     }
 
+    /// Whether this CPU multiplies bf16 pairs into f32 (AVX512-BF16), which
+    /// the reduced-precision kernels need.
+    pub fn has_bf16() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            has!("avx512f") && has!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
     /// Short name for logs and benchmark reports.
     pub fn name(self) -> &'static str {
         match self {

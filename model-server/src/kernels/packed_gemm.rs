@@ -21,9 +21,27 @@ pub const NR: usize = 16;
 #[derive(Debug, Clone)]
 pub struct PackedB {
     data: Vec<f32>,
+    /// The same panels in bf16 for [`gemm_bf16`], when asked for: each value
+    /// a pair of consecutive rows of one column (row 2i in the low half),
+    /// `ceil(K / 2) x NR` pairs a panel.
+    pairs: Option<Vec<u32>>,
     bias: Vec<f32>,
     k: usize,
     n: usize,
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as its bits.
+fn bf16_bits(x: f32) -> u32 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return (bits >> 16) | 0x40;
+    }
+    (bits + 0x7fff + ((bits >> 16) & 1)) >> 16
+}
+
+/// Two values as one bf16 pair, `lo` in the low half as the pair instructions read it.
+fn bf16_pair(lo: f32, hi: f32) -> u32 {
+    bf16_bits(lo) | (bf16_bits(hi) << 16)
 }
 
 impl PackedB {
@@ -45,10 +63,32 @@ impl PackedB {
         padded[..n].copy_from_slice(bias);
         Self {
             data,
+            pairs: None,
             bias: padded,
             k,
             n,
         }
+    }
+
+    /// Adds the bf16 copy of the panels that [`gemm_bf16`] reads.
+    pub fn with_bf16(mut self) -> Self {
+        let (k, pairs_per_panel) = (self.k, self.k.div_ceil(2));
+        let mut pairs = Vec::with_capacity(self.panels() * pairs_per_panel * NR);
+        for panel in self.data.chunks_exact(k * NR) {
+            for i in 0..pairs_per_panel {
+                for j in 0..NR {
+                    let lo = panel[2 * i * NR + j];
+                    let hi = if 2 * i + 1 < k {
+                        panel[(2 * i + 1) * NR + j]
+                    } else {
+                        0.0
+                    };
+                    pairs.push(bf16_pair(lo, hi));
+                }
+            }
+        }
+        self.pairs = Some(pairs);
+        self
     }
 
     /// Rows of B (the reduction length).
@@ -114,14 +154,74 @@ pub fn gemm(
     ldc: usize,
     epilogue: Epilogue<'_>,
 ) {
+    assert!(
+        k.end <= b.k,
+        "packed gemm: rows {k:?} outside [{}, {}]",
+        b.k,
+        b.n
+    );
+    let (mr, kernel): (usize, Kernel) = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => (AVX512_MR, x86::avx512),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => (AVX2_MR, x86::avx2),
+        _ => (PORTABLE_MR, portable),
+    };
+    drive(
+        Driver {
+            kernel,
+            mr,
+            b: &b.data,
+            b_rows: b.k,
+        },
+        a,
+        lda,
+        m,
+        b,
+        k,
+        panels,
+        c,
+        ldc,
+        epilogue,
+    );
+}
+
+/// A microkernel and the panels it reads.
+struct Driver<'a> {
+    kernel: Kernel,
+    /// Rows of C one call computes.
+    mr: usize,
+    /// The panels, each `b_rows x NR` 32-bit values.
+    b: &'a [f32],
+    b_rows: usize,
+}
+
+/// Checks the shapes and runs the microkernel over every `mr x NR` tile of
+/// C; `k` counts rows of the driver's panels (pairs, for bf16).
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    d: Driver<'_>,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &PackedB,
+    k: Range<usize>,
+    panels: Range<usize>,
+    c: &mut [f32],
+    ldc: usize,
+    epilogue: Epilogue<'_>,
+) {
     if m == 0 || panels.is_empty() {
         return;
     }
     let klen = k.len();
     assert!(
-        klen > 0 && k.end <= b.k && panels.end <= b.panels(),
+        klen > 0
+            && k.end <= d.b_rows
+            && panels.end <= b.panels()
+            && d.b.len() >= b.panels() * d.b_rows * NR,
         "packed gemm: rows {k:?} / panels {panels:?} outside [{}, {}]",
-        b.k,
+        d.b_rows,
         b.n
     );
     let cols = (panels.end * NR).min(b.n) - panels.start * NR;
@@ -144,20 +244,14 @@ pub fn gemm(
         );
     }
     static ZEROS: [f32; NR] = [0.0; NR];
-    let (mr, kernel): (usize, Kernel) = match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => (AVX512_MR, x86::avx512),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => (AVX2_MR, x86::avx2),
-        _ => (PORTABLE_MR, portable),
-    };
+    let (mr, kernel) = (d.mr, d.kernel);
     for p in panels.clone() {
         let col = (p - panels.start) * NR;
         let ncols = (b.n - p * NR).min(NR);
         // SAFETY (for the pointer arithmetic below): the asserts above bound
         // every row and column the kernel touches: rows i..i+rows < m, columns
         // col..col+ncols <= cols, B's panel p rows k, the padded bias.
-        let panel = unsafe { b.data.as_ptr().add(p * b.k * NR + k.start * NR) };
+        let panel = unsafe { d.b.as_ptr().add(p * d.b_rows * NR + k.start * NR) };
         let bias = if epilogue.bias {
             unsafe { b.bias.as_ptr().add(p * NR) }
         } else {
@@ -184,10 +278,116 @@ pub fn gemm(
                 ncols,
             };
             // SAFETY: `tile` is in bounds (above) and `kernel` was chosen for
-            // an instruction set this CPU has (callers take `isa` from `Isa`).
+            // an instruction set this CPU has (callers check it).
             unsafe { kernel(&tile, rows) };
             i += rows;
         }
+    }
+}
+
+/// [`gemm`] with both operands rounded to bf16 and the products summed in
+/// f32, on a CPU with AVX512-BF16 ([`super::isa::Isa::has_bf16`]), for B
+/// packed [`PackedB::with_bf16`]. `k.start` must be even (a pair boundary).
+/// `pairs` is the caller's scratch for A in bf16.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &PackedB,
+    k: Range<usize>,
+    panels: Range<usize>,
+    c: &mut [f32],
+    ldc: usize,
+    epilogue: Epilogue<'_>,
+    pairs: &mut Vec<u32>,
+) {
+    let Some(packed) = &b.pairs else {
+        panic!("packed gemm: bf16 product of weights packed without bf16")
+    };
+    assert!(
+        super::isa::Isa::has_bf16(),
+        "packed gemm: this CPU has no bf16 instructions"
+    );
+    assert!(
+        k.start.is_multiple_of(2),
+        "packed gemm: bf16 rows must start at a pair"
+    );
+    if m == 0 || panels.is_empty() {
+        return;
+    }
+    let klen = k.len();
+    assert!(
+        klen > 0 && lda >= klen && a.len() >= (m - 1) * lda + klen,
+        "packed gemm: A holds {} values, needs {m} rows of {klen} at stride {lda}",
+        a.len()
+    );
+    let kp = klen.div_ceil(2);
+    pairs.clear();
+    pairs.resize(m * kp, 0);
+    for (row, dst) in a.chunks(lda).take(m).zip(pairs.chunks_exact_mut(kp)) {
+        to_bf16_pairs(&row[..klen], dst);
+    }
+    // The bf16 panels have the f32 panels' geometry with pairs for rows, so
+    // the driver is shared: A is the pairs (as many "columns" as pairs), B
+    // the pair panels, and the microkernel reads both as 32-bit units.
+    // SAFETY: f32 and u32 have the same size and alignment; the kernel only
+    // reinterprets the bits it loads.
+    let a32 = unsafe { std::slice::from_raw_parts(pairs.as_ptr().cast::<f32>(), pairs.len()) };
+    let b32 = unsafe { std::slice::from_raw_parts(packed.as_ptr().cast::<f32>(), packed.len()) };
+    drive(
+        Driver {
+            kernel: bf16_kernel(),
+            mr: BF16_MR,
+            b: b32,
+            b_rows: b.k.div_ceil(2),
+        },
+        a32,
+        kp,
+        m,
+        b,
+        k.start / 2..k.start / 2 + kp,
+        panels,
+        c,
+        ldc,
+        epilogue,
+    );
+}
+
+/// `src` rounded to bf16 into `dst` in order, two to a `u32`, the last pair
+/// zero-padded: which is also the layout of pairs of consecutive values.
+fn to_bf16_pairs(src: &[f32], dst: &mut [u32]) {
+    assert_eq!(
+        dst.len(),
+        src.len().div_ceil(2),
+        "bf16 pairs: lengths differ"
+    );
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::isa::Isa::has_bf16() {
+        // SAFETY: the CPU has the instructions; the assert sizes `dst`.
+        done = unsafe { x86::to_bf16_avx512(src, dst) };
+    }
+    for (i, d) in dst.iter_mut().enumerate().skip(done / 2) {
+        let lo = src[2 * i];
+        let hi = src.get(2 * i + 1).copied().unwrap_or(0.0);
+        *d = bf16_pair(lo, hi);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+const BF16_MR: usize = 12;
+#[cfg(not(target_arch = "x86_64"))]
+const BF16_MR: usize = 1;
+
+fn bf16_kernel() -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::avx512_bf16
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        unreachable!("bf16 kernels exist only for x86-64")
     }
 }
 
@@ -354,6 +554,66 @@ mod x86 {
                 }
                 b = b.add(NR);
             }
+            finish(t, &acc);
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 must be present; `t` valid for `rows` (at
+    /// most 12) rows, with `a` and `b` holding bf16 pairs and `k` counting them.
+    pub(super) unsafe fn avx512_bf16(t: &Tile, rows: usize) {
+        unsafe {
+            dispatch_rows!(
+                avx512_bf16_rows,
+                t,
+                rows,
+                [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+            )
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn avx512_bf16_rows<const R: usize>(t: &Tile) {
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); R];
+            let rows: [*const i32; R] = std::array::from_fn(|i| t.a.add(i * t.lda).cast::<i32>());
+            let mut b = t.b;
+            for kk in 0..t.k {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_ps(b));
+                for i in 0..R {
+                    let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*rows[i].add(kk)));
+                    acc[i] = _mm512_dpbf16_ps(acc[i], a, b0);
+                }
+                b = b.add(NR);
+            }
+            finish(t, &acc);
+        }
+    }
+
+    /// Converts whole blocks of 16 values of `src` into `dst` (as pairs) and
+    /// returns how many values it converted (a multiple of 32 pairs' worth).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 must be present; `dst` holds `src.len() / 2`
+    /// pairs or more.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [u32]) -> usize {
+        let blocks = src.len() / 16;
+        for b in 0..blocks {
+            unsafe {
+                let v = _mm512_loadu_ps(src.as_ptr().add(b * 16));
+                let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256(dst.as_mut_ptr().add(b * 8).cast::<__m256i>(), h);
+            }
+        }
+        blocks * 16
+    }
+
+    /// Bias, residual and ReLU6 on the accumulated rows, and the masked store.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn finish<const R: usize>(t: &Tile, acc: &[__m512; R]) {
+        unsafe {
             let bias = _mm512_loadu_ps(t.bias);
             let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
             let mask: __mmask16 = if t.ncols >= NR {
@@ -461,6 +721,88 @@ mod tests {
                         diff < 1e-4,
                         "{isa:?} [{m}x{k}x{n}] relu6={relu6} residual={residual}: {diff}"
                     );
+                }
+            }
+        }
+    }
+
+    /// bf16 products against the definition on the same operands rounded to
+    /// bf16, over odd K (a zero-padded last pair), row and column tails, a
+    /// sub-range of K and every epilogue; on a CPU without AVX512-BF16 there
+    /// is nothing to run.
+    #[test]
+    fn bf16_matches_the_definition_on_rounded_operands() {
+        if !Isa::has_bf16() {
+            eprintln!("no AVX512-BF16 on this CPU: bf16 kernel not run");
+            return;
+        }
+        let round = |x: f32| f32::from_bits(bf16_bits(x) << 16);
+        assert_eq!(round(1.0), 1.0);
+        assert_eq!(round(1.0 + 1.0 / 256.0), 1.0, "ties go to even");
+        assert_eq!(round(1.0 + 3.0 / 256.0), 1.0 + 1.0 / 64.0);
+        let mut pairs = Vec::new();
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 5, 24),
+            (13, 37, 40),
+            (30, 96, 16),
+            (5, 64, 1000),
+        ] {
+            let (lda, ldc) = (k + 3, n + 5);
+            let a = random(m * lda, 7);
+            let w = random(k * n, 11);
+            let bias = random(n, 13);
+            let res = random(m * ldc, 17);
+            let packed = PackedB::new(&w, &bias, k, n).with_bf16();
+            let krange = (k / 3) & !1..k;
+            let panels = packed.panels() / 2..packed.panels();
+            let col0 = panels.start * NR;
+            for (relu6, residual, with_bias) in [
+                (false, false, true),
+                (true, true, true),
+                (false, true, false),
+            ] {
+                let mut c = vec![0f32; m * ldc];
+                let epilogue = Epilogue {
+                    bias: with_bias,
+                    residual: residual.then_some((&res[..], ldc)),
+                    relu6,
+                };
+                gemm_bf16(
+                    &a,
+                    lda,
+                    m,
+                    &packed,
+                    krange.clone(),
+                    panels.clone(),
+                    &mut c,
+                    ldc,
+                    epilogue,
+                    &mut pairs,
+                );
+                for i in 0..m {
+                    for j in col0..n {
+                        let mut v: f64 = krange
+                            .clone()
+                            .map(|kk| {
+                                f64::from(
+                                    round(a[i * lda + kk - krange.start]) * round(w[kk * n + j]),
+                                )
+                            })
+                            .sum();
+                        v += if with_bias { f64::from(bias[j]) } else { 0.0 };
+                        v += if residual {
+                            f64::from(res[i * ldc + j - col0])
+                        } else {
+                            0.0
+                        };
+                        let v = if relu6 { v.clamp(0.0, 6.0) } else { v };
+                        let got = f64::from(c[i * ldc + j - col0]);
+                        assert!(
+                            (got - v).abs() < 1e-4 * (1.0 + v.abs()),
+                            "[{m}x{k}x{n}] ({i}, {j}) relu6={relu6} residual={residual}: {got} vs {v}"
+                        );
+                    }
                 }
             }
         }
