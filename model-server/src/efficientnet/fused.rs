@@ -429,25 +429,12 @@ impl Fused {
         } else {
             targets.into_iter().zip(parts).enumerate().for_each(part);
         }
-        let partial = &acts.partial[..others];
-        let row = out_size * b.spec.cout;
-        let add = |(r, out): (usize, &mut [f32])| {
-            for p in partial {
-                for (o, v) in out.iter_mut().zip(&p[r * row..(r + 1) * row]) {
-                    *o += v;
-                }
+        // On one thread: the sum is a small fraction of the block's work, and
+        // a second hand-off between threads per block costs more than it saves.
+        for p in &acts.partial[..others] {
+            for (o, v) in acts.output[..out_len].iter_mut().zip(&p[..out_len]) {
+                *o += v;
             }
-        };
-        if threads > 1 {
-            acts.output[..out_len]
-                .par_chunks_mut(row)
-                .enumerate()
-                .for_each(add);
-        } else {
-            acts.output[..out_len]
-                .chunks_mut(row)
-                .enumerate()
-                .for_each(add);
         }
     }
 
