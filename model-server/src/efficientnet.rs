@@ -312,8 +312,9 @@ impl EfficientNetLite0 {
         let head = Pointwise::new(&weight, &bias, true)?;
         let fc = w.get("_fc.weight", &[NUM_CLASSES, HEAD_CHANNELS])?;
         let fc_bias = w.get("_fc.bias", &[NUM_CLASSES])?;
-        let fused = device
-            .is_cpu()
+        // The fused network's portable kernels are there to check the SIMD ones against: a CPU without AVX2
+        // and FMA runs the layers through candle, whose GEMM has SSE kernels of its own.
+        let fused = (device.is_cpu() && Isa::detect() != Isa::Portable)
             .then(|| {
                 fused::Fused::new(
                     Isa::detect(),

@@ -92,6 +92,12 @@ fn fused_network_matches_layer_by_layer_with_every_kernel_set() {
         .install(|| model.forward_layers(&x))
         .and_then(|y| y.flatten_all()?.to_vec1())
         .expect("layer by layer");
+    if model.cpu_kernels().is_none() {
+        eprintln!(
+            "no AVX2 or AVX-512 on this CPU: the network runs layer by layer, nothing fused to compare"
+        );
+        return;
+    }
     for isa in Isa::available() {
         let model = model.clone().with_cpu_kernels(isa);
         assert_eq!(model.cpu_kernels(), Some(isa));

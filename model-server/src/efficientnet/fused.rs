@@ -116,7 +116,7 @@ impl Block {
 }
 
 /// Buffers one thread needs for its part of a layer, kept between calls so
-/// the steady state allocates nothing.
+/// the steady state allocates only the small pooled features and logits.
 #[derive(Default)]
 struct Scratch {
     /// The window of expanded input rows.
