@@ -269,14 +269,8 @@ fn row_avx512(args: &RowArgs<'_>, cols: Axis, kernel_rows: usize, out: &mut [May
     ) {
         // The network's kernels get the variant that keeps the weights in
         // registers; anything else the generic one.
-        unsafe {
-            match (args.kernel, args.stride) {
-                (3, 1) => avx512::row::<3, 1>(args, cols, kernel_rows, out),
-                (3, 2) => avx512::row::<3, 2>(args, cols, kernel_rows, out),
-                (5, 1) => avx512::row::<5, 1>(args, cols, kernel_rows, out),
-                (5, 2) => avx512::row::<5, 2>(args, cols, kernel_rows, out),
-                _ => row::<true>(args, cols, kernel_rows, out),
-            }
+        if unsafe { simd::dispatch::<simd::Avx512>(args, cols, kernel_rows, out) }.is_none() {
+            row::<true>(args, cols, kernel_rows, out);
         }
     }
     // SAFETY: only selected by `row_fn` after detecting AVX-512F and FMA; AVX2
@@ -284,24 +278,123 @@ fn row_avx512(args: &RowArgs<'_>, cols: Axis, kernel_rows: usize, out: &mut [May
     unsafe { inner(args, cols, kernel_rows, out) }
 }
 
-/// One output row with AVX-512, 16 channels at a time: the block's k x k
+/// One output row, one vector of channels at a time: the block's k x k
 /// weight vectors are loaded into registers once and used for the whole row,
 /// so each multiply-add loads only its input, half the loads of the generic
-/// variant, which is bound by them.
+/// variant, which is bound by them. Generic over the vector width; the
+/// callers compile it with the instruction set of their vector type.
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+mod simd {
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
     use super::{Axis, RowArgs};
 
-    const LANES: usize = 16;
+    /// The few vector operations the row needs, with a lane mask for the
+    /// channels left over at the end.
+    pub(super) trait Vector: Copy {
+        const LANES: usize;
+        type Mask: Copy;
+        fn mask(lanes: usize) -> Self::Mask;
+        fn zero() -> Self;
+        /// # Safety
+        /// The masked lanes of `p` must be readable.
+        unsafe fn load(m: Self::Mask, p: *const f32) -> Self;
+        /// # Safety
+        /// The masked lanes of `p` must be writable.
+        unsafe fn store(self, m: Self::Mask, p: *mut f32);
+        fn fma(x: Self, w: Self, acc: Self) -> Self;
+        fn relu6(self) -> Self;
+    }
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx512(__m512);
+
+    // SAFETY (every impl below): used only from functions compiled with the
+    // vector's instruction set, which the caller detected.
+    impl Vector for Avx512 {
+        const LANES: usize = 16;
+        type Mask = __mmask16;
+        #[inline(always)]
+        fn mask(lanes: usize) -> __mmask16 {
+            if lanes >= 16 { !0 } else { (1u16 << lanes) - 1 }
+        }
+        #[inline(always)]
+        fn zero() -> Self {
+            Self(unsafe { _mm512_setzero_ps() })
+        }
+        #[inline(always)]
+        unsafe fn load(m: __mmask16, p: *const f32) -> Self {
+            Self(unsafe { _mm512_maskz_loadu_ps(m, p) })
+        }
+        #[inline(always)]
+        unsafe fn store(self, m: __mmask16, p: *mut f32) {
+            unsafe { _mm512_mask_storeu_ps(p, m, self.0) }
+        }
+        #[inline(always)]
+        fn fma(x: Self, w: Self, acc: Self) -> Self {
+            Self(unsafe { _mm512_fmadd_ps(x.0, w.0, acc.0) })
+        }
+        #[inline(always)]
+        fn relu6(self) -> Self {
+            Self(unsafe {
+                _mm512_min_ps(
+                    _mm512_max_ps(self.0, _mm512_setzero_ps()),
+                    _mm512_set1_ps(6.0),
+                )
+            })
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx2(__m256);
+
+    impl Vector for Avx2 {
+        const LANES: usize = 8;
+        type Mask = __m256i;
+        #[inline(always)]
+        fn mask(lanes: usize) -> __m256i {
+            let l = lanes.min(8) as i32;
+            unsafe {
+                _mm256_cmpgt_epi32(
+                    _mm256_set1_epi32(l),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                )
+            }
+        }
+        #[inline(always)]
+        fn zero() -> Self {
+            Self(unsafe { _mm256_setzero_ps() })
+        }
+        #[inline(always)]
+        unsafe fn load(m: __m256i, p: *const f32) -> Self {
+            Self(unsafe { _mm256_maskload_ps(p, m) })
+        }
+        #[inline(always)]
+        unsafe fn store(self, m: __m256i, p: *mut f32) {
+            unsafe { _mm256_maskstore_ps(p, m, self.0) }
+        }
+        #[inline(always)]
+        fn fma(x: Self, w: Self, acc: Self) -> Self {
+            Self(unsafe { _mm256_fmadd_ps(x.0, w.0, acc.0) })
+        }
+        #[inline(always)]
+        fn relu6(self) -> Self {
+            Self(unsafe {
+                _mm256_min_ps(
+                    _mm256_max_ps(self.0, _mm256_setzero_ps()),
+                    _mm256_set1_ps(6.0),
+                )
+            })
+        }
+    }
 
     /// # Safety
-    /// AVX-512F must be present; `args` must describe the rows `out` reads
+    /// The CPU must run `V`'s instructions, and this must be inlined into a
+    /// function compiled for them; `args` must describe the rows `out` reads
     /// (as the generic variant requires).
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn row<const K: usize, const S: usize>(
+    #[inline(always)]
+    pub(super) unsafe fn row<V: Vector, const K: usize, const S: usize>(
         args: &RowArgs<'_>,
         cols: Axis,
         kernel_rows: usize,
@@ -327,63 +420,78 @@ mod avx512 {
         let out = out.as_mut_ptr().cast::<f32>();
         let mut ch = 0;
         while ch < c {
-            let lanes = (c - ch).min(LANES);
-            let mask: __mmask16 = if lanes == LANES {
-                !0
-            } else {
-                (1u16 << lanes) - 1
-            };
+            let mask = V::mask(c - ch);
             // SAFETY (loads and stores below): the assert bounds every tap,
             // input pixel (kx within the row, ky below kernel_rows) and output
             // pixel, and the mask stops at the last channel.
-            let mut w = [_mm512_setzero_ps(); 25];
+            let mut w = [V::zero(); 25];
             for ky in 0..K {
                 if ky < kernel_rows {
                     for kx in 0..K {
                         w[ky * K + kx] = unsafe {
-                            _mm512_maskz_loadu_ps(
-                                mask,
-                                taps.add((ky * K + kx) * args.tap_stride + ch),
-                            )
+                            V::load(mask, taps.add((ky * K + kx) * args.tap_stride + ch))
                         };
                     }
                 }
             }
-            let b = unsafe { _mm512_maskz_loadu_ps(mask, bias.add(ch)) };
-            let pixel = |ox: usize, checked: bool| {
-                let start = ox * S;
-                let mut acc = b;
-                for ky in 0..K {
-                    if ky >= kernel_rows {
-                        break;
-                    }
-                    for kx in 0..K {
-                        let ix = start + kx;
-                        if checked && (ix < cols.pad_before || ix - cols.pad_before >= args.width) {
-                            continue;
+            let b = unsafe { V::load(mask, bias.add(ch)) };
+            // A macro, not a closure: a closure would be a function of its own
+            // without the caller's instruction set, and every vector operation
+            // in it a call.
+            macro_rules! pixels {
+                ($range:expr, $checked:expr) => {
+                    for ox in $range {
+                        let start = ox * S;
+                        let mut acc = b;
+                        for ky in 0..K {
+                            if ky >= kernel_rows {
+                                break;
+                            }
+                            for kx in 0..K {
+                                let ix = start + kx;
+                                if $checked
+                                    && (ix < cols.pad_before || ix - cols.pad_before >= args.width)
+                                {
+                                    continue;
+                                }
+                                let at = (ky * args.width + ix - cols.pad_before) * c + ch;
+                                let x = unsafe { V::load(mask, image.add(at)) };
+                                acc = V::fma(x, w[ky * K + kx], acc);
+                            }
                         }
-                        let at = (ky * args.width + ix - cols.pad_before) * c + ch;
-                        let x = unsafe { _mm512_maskz_loadu_ps(mask, image.add(at)) };
-                        acc = _mm512_fmadd_ps(x, w[ky * K + kx], acc);
+                        if args.relu6 {
+                            acc = acc.relu6();
+                        }
+                        unsafe { acc.store(mask, out.add(ox * c + ch)) };
                     }
-                }
-                if args.relu6 {
-                    acc =
-                        _mm512_min_ps(_mm512_max_ps(acc, _mm512_setzero_ps()), _mm512_set1_ps(6.0));
-                }
-                unsafe { _mm512_mask_storeu_ps(out.add(ox * c + ch), mask, acc) };
-            };
-            for ox in 0..first.min(wo) {
-                pixel(ox, true);
+                };
             }
-            for ox in first..last {
-                pixel(ox, false);
-            }
-            for ox in last.max(first)..wo {
-                pixel(ox, true);
-            }
-            ch += LANES;
+            pixels!(0..first.min(wo), true);
+            pixels!(first..last, false);
+            pixels!(last.max(first)..wo, true);
+            ch += V::LANES;
         }
+    }
+
+    /// The specialised row for the network's kernel sizes and strides, or
+    /// `None` for any other.
+    #[inline(always)]
+    pub(super) unsafe fn dispatch<V: Vector>(
+        args: &RowArgs<'_>,
+        cols: Axis,
+        kernel_rows: usize,
+        out: &mut [MaybeUninit<f32>],
+    ) -> Option<()> {
+        unsafe {
+            match (args.kernel, args.stride) {
+                (3, 1) => row::<V, 3, 1>(args, cols, kernel_rows, out),
+                (3, 2) => row::<V, 3, 2>(args, cols, kernel_rows, out),
+                (5, 1) => row::<V, 5, 1>(args, cols, kernel_rows, out),
+                (5, 2) => row::<V, 5, 2>(args, cols, kernel_rows, out),
+                _ => return None,
+            }
+        }
+        Some(())
     }
 }
 
@@ -396,7 +504,9 @@ fn row_avx2_fma(args: &RowArgs<'_>, cols: Axis, kernel_rows: usize, out: &mut [M
         kernel_rows: usize,
         out: &mut [MaybeUninit<f32>],
     ) {
-        row::<true>(args, cols, kernel_rows, out);
+        if unsafe { simd::dispatch::<simd::Avx2>(args, cols, kernel_rows, out) }.is_none() {
+            row::<true>(args, cols, kernel_rows, out);
+        }
     }
     // SAFETY: only selected by `row_fn` after detecting AVX2 and FMA.
     unsafe { inner(args, cols, kernel_rows, out) }
