@@ -2,8 +2,11 @@
 //! 1x1 convolutions over NHWC activations, with bias, ReLU6 and residual adds
 //! fused into the pass that produces the output.
 //!
-//! All of them split their work with rayon, so they run on the pool the
-//! caller installed (the server's inference pool). On CUDA the depthwise
+//! The per-layer operations (`dense`, `depthwise`, `pointwise`) split their
+//! work with rayon, so they run on the pool the caller installed (the
+//! server's inference pool). `packed_gemm` and the depthwise row functions
+//! run on the calling thread: the fused network splits the work itself.
+//! `isa` picks the instruction set they use. On CUDA the depthwise
 //! convolution has a kernel of its own (`depthwise_cuda`); the other layers
 //! use candle's CUDA operations.
 
