@@ -59,7 +59,8 @@ pub struct Config {
     #[arg(long, env = "DEFAULT_MODEL", default_value = "efficientnet-lite0")]
     pub default_model: String,
 
-    /// Model version asked for; empty lets the model server choose.
+    /// Model version used when a request names none (a positive integer); empty follows the newest
+    /// version the model tier serves, taking up a new one within the metadata TTL.
     #[arg(long, env = "MODEL_VERSION", default_value = "")]
     pub model_version: String,
 
@@ -71,7 +72,7 @@ pub struct Config {
     #[arg(long, env = "INFERENCE_TIMEOUT_MS", default_value_t = 10_000)]
     pub inference_timeout_ms: u64,
 
-    /// How long model metadata (input name, size, datatype) is cached, in seconds.
+    /// How long model metadata (input name, size, datatype, newest version) is cached, in seconds.
     #[arg(long, env = "METADATA_TTL_SECS", default_value_t = 60)]
     pub metadata_ttl_secs: u64,
 
@@ -140,6 +141,12 @@ impl Config {
         anyhow::ensure!(
             self.eject_after_failures > 0,
             "--eject-after-failures must be at least 1"
+        );
+        anyhow::ensure!(
+            self.model_version.is_empty()
+                || crate::model_client::parse_version(&self.model_version).is_some(),
+            "--model-version must be empty or a positive integer such as 2, got `{}`",
+            self.model_version
         );
         if let Err(e) = crate::model_client::Target::parse_list(&self.model_server) {
             anyhow::bail!("--model-server: {e}");
@@ -225,6 +232,18 @@ mod tests {
             Recipe::CenterCrop { fraction: 0.875 }
         );
         assert!(!config.validate().unwrap().is_empty());
+    }
+
+    #[test]
+    fn model_version_is_empty_or_a_positive_integer() {
+        let parsed = |v: &str| {
+            Config::try_parse_from(["gateway".to_owned(), format!("--model-version={v}")]).unwrap()
+        };
+        assert!(parsed("2").validate().is_ok());
+        assert!(parsed("").validate().is_ok());
+        for bad in ["0", "v2", "-1", "latest"] {
+            assert!(parsed(bad).validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod error;
 pub mod fetch;
 pub mod metrics;
 pub mod model_client;
+pub mod models;
 pub mod page;
 pub mod predict;
 pub mod preprocess;

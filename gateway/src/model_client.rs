@@ -7,6 +7,7 @@ pub mod pool;
 pub mod retry;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,8 +22,11 @@ pub use grpc::{ClientOptions, GrpcModelClient};
 pub struct ModelSpec {
     /// Model name.
     pub name: String,
-    /// Version asked for ("" lets the server choose).
+    /// Version the inference names: the one asked for, or the newest served when none was ("" only when
+    /// the metadata listed no version, leaving the choice to the server).
     pub version: String,
+    /// Versions the model tier serves now, as the metadata lists them.
+    pub versions: Vec<String>,
     /// Name of the UINT8 NHWC input.
     pub input: String,
     /// Input height in pixels.
@@ -70,6 +74,60 @@ pub struct Classification {
     pub predictions: Vec<Prediction>,
 }
 
+/// Where a model version is in its life on the model tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum VersionState {
+    /// Serving.
+    Ready,
+    /// Being loaded; not serving yet.
+    Loading,
+    /// Being unloaded; finishing what it was given.
+    Unloading,
+    /// Failed to load.
+    Unavailable,
+    /// A state this gateway does not know.
+    Unknown,
+}
+
+impl VersionState {
+    /// The state named by RepositoryIndex.
+    pub fn parse(state: &str) -> Self {
+        match state {
+            "READY" => VersionState::Ready,
+            "LOADING" => VersionState::Loading,
+            "UNLOADING" => VersionState::Unloading,
+            "UNAVAILABLE" => VersionState::Unavailable,
+            _ => VersionState::Unknown,
+        }
+    }
+}
+
+/// One model version as the model tier's repository lists it. The server's reason for the state is left
+/// out on purpose: it can name server files, and this reaches the internet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepositoryEntry {
+    /// Model name.
+    pub model: String,
+    /// Version, a decimal string.
+    pub version: String,
+    /// Where the version is in its life.
+    pub state: VersionState,
+}
+
+/// A version as the model tier numbers them: a positive decimal integer without sign or spaces.
+pub fn parse_version(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<u64>().ok().filter(|&v| v > 0)
+}
+
+/// The numerically highest of `versions` ("10" is newer than "9"); what is not a version is skipped.
+pub fn newest_version<'a>(versions: impl IntoIterator<Item = &'a str>) -> Option<u64> {
+    versions.into_iter().filter_map(parse_version).max()
+}
+
 /// Failures of the model tier, one per gRPC status the gateway tells apart.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ModelError {
@@ -105,6 +163,8 @@ pub trait ModelClient: Send + Sync + 'static {
     async fn ready(&self, model: &str, version: &str) -> Result<bool, ModelError>;
     /// Runs one image through the model and returns the `top_k` classes.
     async fn classify(&self, request: ClassifyRequest) -> Result<Classification, ModelError>;
+    /// Every model version the model tier has, in whatever state.
+    async fn repository(&self) -> Result<Vec<RepositoryEntry>, ModelError>;
     /// Metrics of the transport (retries, errors, replicas) for the gateway's registry; none by default.
     fn collectors(&self) -> Result<Vec<Box<dyn prometheus::core::Collector>>, prometheus::Error> {
         Ok(Vec::new())
@@ -136,8 +196,9 @@ impl ModelCatalog {
         &self.client
     }
 
-    /// The spec of `model`, from the cache while fresh. Failures are not cached, so a model loaded later
-    /// is found at once.
+    /// The spec of `model` at `version`, from the cache while fresh. With `version` empty the spec is pinned
+    /// to the newest version the metadata lists, so a new version is taken up within one TTL. Failures
+    /// are not cached, so a model loaded later is found at once.
     pub async fn spec(&self, model: &str, version: &str) -> Result<Arc<ModelSpec>, ModelError> {
         let key = (model.to_owned(), version.to_owned());
         if let Some((at, spec)) = self.lock().get(&key)
@@ -145,9 +206,63 @@ impl ModelCatalog {
         {
             return Ok(spec.clone());
         }
-        let spec = Arc::new(self.client.metadata(model, version).await?);
+        let mut spec = self.client.metadata(model, version).await?;
+        if version.is_empty()
+            && let Some(newest) = newest_version(spec.versions.iter().map(String::as_str))
+        {
+            // The metadata's tensors are the newest version's; naming that version in the inference keeps
+            // the pixels' size and the model that runs them together while other versions come and go.
+            spec.version = newest.to_string();
+        }
+        let spec = Arc::new(spec);
         self.lock().insert(key, (Instant::now(), spec.clone()));
         Ok(spec)
+    }
+
+    /// Runs one classification of `model` at `version` ("" for the newest served), starting from `spec`
+    /// as [`spec`](Self::spec) gave it; `build` makes the request for a spec, pixels sized for it. When the
+    /// catalog chose the version and the model tier says it is gone (NOT_FOUND) or going (UNAVAILABLE),
+    /// the metadata is fetched again and the call made once more, on the version it names then. A version
+    /// the caller named is not retried: its NOT_FOUND is the answer.
+    pub async fn classify<E, F, Fut>(
+        &self,
+        model: &str,
+        version: &str,
+        spec: Arc<ModelSpec>,
+        mut build: F,
+    ) -> Result<Classification, E>
+    where
+        E: From<ModelError>,
+        F: FnMut(Arc<ModelSpec>) -> Fut,
+        Fut: Future<Output = Result<ClassifyRequest, E>>,
+    {
+        let error = match self.client.classify(build(spec.clone()).await?).await {
+            Ok(answer) => return Ok(answer),
+            Err(error) => error,
+        };
+        if !matches!(error, ModelError::NotFound(_) | ModelError::Unavailable(_)) {
+            return Err(error.into());
+        }
+        self.forget(model, version, &spec);
+        if !version.is_empty() {
+            return Err(error.into());
+        }
+        tracing::info!(model, version = %spec.version, %error, "the version in use is gone or going; trying the newest served");
+        let fresh = self.spec(model, version).await?;
+        Ok(self.client.classify(build(fresh).await?).await?)
+    }
+
+    /// Drops the entry of `model` at `version` if it still holds `stale`: an entry another request has
+    /// refreshed meanwhile is kept.
+    fn forget(&self, model: &str, version: &str, stale: &Arc<ModelSpec>) {
+        let key = (model.to_owned(), version.to_owned());
+        let mut entries = self.lock();
+        if entries
+            .get(&key)
+            .is_some_and(|(_, cached)| Arc::ptr_eq(cached, stale))
+        {
+            entries.remove(&key);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SpecCache> {
@@ -175,6 +290,7 @@ mod tests {
             Ok(ModelSpec {
                 name: model.into(),
                 version: version.into(),
+                versions: Vec::new(),
                 input: "pixels".into(),
                 height: 2,
                 width: 2,
@@ -187,6 +303,9 @@ mod tests {
         }
         async fn classify(&self, _: ClassifyRequest) -> Result<Classification, ModelError> {
             Err(ModelError::Other("unused".into()))
+        }
+        async fn repository(&self) -> Result<Vec<RepositoryEntry>, ModelError> {
+            Ok(Vec::new())
         }
     }
 
@@ -213,5 +332,217 @@ mod tests {
         assert!(catalog.spec("missing", "").await.is_err());
         assert!(catalog.spec("missing", "").await.is_err());
         assert_eq!(client.0.load(Ordering::SeqCst), 2);
+    }
+
+    /// A model tier whose served versions a test sets; version N takes N * 10 pixels a side, so a
+    /// request sized for another version is caught.
+    #[derive(Default)]
+    struct Tier {
+        served: Mutex<Vec<u64>>,
+        /// Returned by every `classify` instead of looking at the versions.
+        error: Mutex<Option<ModelError>>,
+        metadata_calls: AtomicUsize,
+        /// The version each `classify` named.
+        asked: Mutex<Vec<String>>,
+    }
+
+    impl Tier {
+        fn serving(versions: &[u64]) -> Arc<Self> {
+            let tier = Tier::default();
+            tier.serve(versions);
+            Arc::new(tier)
+        }
+        fn serve(&self, versions: &[u64]) {
+            *self.served.lock().unwrap() = versions.to_vec();
+        }
+        fn asked(&self) -> Vec<String> {
+            self.asked.lock().unwrap().clone()
+        }
+        fn metadata_calls(&self) -> usize {
+            self.metadata_calls.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait]
+    impl ModelClient for Tier {
+        async fn metadata(&self, model: &str, version: &str) -> Result<ModelSpec, ModelError> {
+            self.metadata_calls.fetch_add(1, Ordering::SeqCst);
+            let served = self.served.lock().unwrap().clone();
+            // Listed in no order, as nothing promises one.
+            let versions: Vec<String> = served.iter().rev().map(u64::to_string).collect();
+            let described = if version.is_empty() {
+                served.iter().max().copied()
+            } else {
+                parse_version(version).filter(|v| served.contains(v))
+            }
+            .ok_or_else(|| ModelError::NotFound(format!("no version `{version}`")))?;
+            Ok(ModelSpec {
+                name: model.into(),
+                version: version.into(),
+                versions,
+                input: "pixels".into(),
+                height: described as u32 * 10,
+                width: described as u32 * 10,
+                output: "probabilities".into(),
+                classes: Some(10),
+            })
+        }
+        async fn ready(&self, _: &str, _: &str) -> Result<bool, ModelError> {
+            Ok(true)
+        }
+        async fn classify(&self, request: ClassifyRequest) -> Result<Classification, ModelError> {
+            let spec = &request.spec;
+            self.asked.lock().unwrap().push(spec.version.clone());
+            if let Some(error) = self.error.lock().unwrap().clone() {
+                return Err(error);
+            }
+            let version = parse_version(&spec.version)
+                .filter(|v| self.served.lock().unwrap().contains(v))
+                .ok_or_else(|| ModelError::NotFound(format!("no version `{}`", spec.version)))?;
+            let side = version as usize * 10;
+            if request.pixels.len() != side * side * 3 {
+                return Err(ModelError::InvalidArgument(format!(
+                    "version {version} takes {side}x{side} pixels"
+                )));
+            }
+            Ok(Classification {
+                model: spec.name.clone(),
+                version: version.to_string(),
+                predictions: Vec::new(),
+            })
+        }
+        async fn repository(&self) -> Result<Vec<RepositoryEntry>, ModelError> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Builds a request the way the gateway does: pixels sized for the spec it is given.
+    async fn sized(spec: Arc<ModelSpec>) -> Result<ClassifyRequest, ModelError> {
+        let pixels = vec![0; spec.height as usize * spec.width as usize * 3];
+        Ok(ClassifyRequest {
+            spec,
+            pixels,
+            top_k: 1,
+            request_id: "r".into(),
+        })
+    }
+
+    async fn classify(catalog: &ModelCatalog, version: &str) -> Result<Classification, ModelError> {
+        let spec = catalog.spec("m", version).await?;
+        catalog.classify("m", version, spec, sized).await
+    }
+
+    #[test]
+    fn versions_are_positive_decimal_integers_compared_as_numbers() {
+        assert_eq!(parse_version("2"), Some(2));
+        assert_eq!(parse_version("02"), Some(2));
+        for bad in [
+            "",
+            "0",
+            "+2",
+            "-1",
+            " 2",
+            "1.5",
+            "v2",
+            "99999999999999999999",
+        ] {
+            assert_eq!(parse_version(bad), None, "{bad:?}");
+        }
+        assert_eq!(newest_version(["9", "10", "2"]), Some(10));
+        assert_eq!(newest_version(["x", "3"]), Some(3));
+        assert_eq!(newest_version([]), None);
+        assert_eq!(VersionState::parse("UNLOADING"), VersionState::Unloading);
+        assert_eq!(VersionState::parse("EXPLODED"), VersionState::Unknown);
+    }
+
+    #[tokio::test]
+    async fn without_a_version_the_spec_pins_the_highest_listed_one() {
+        let tier = Tier::serving(&[2, 10, 9]);
+        let catalog = ModelCatalog::new(tier.clone(), Duration::from_secs(60));
+        let pinned = catalog.spec("m", "").await.unwrap();
+        assert_eq!((pinned.version.as_str(), pinned.height), ("10", 100));
+        let named = catalog.spec("m", "9").await.unwrap();
+        assert_eq!((named.version.as_str(), named.height), ("9", 90));
+
+        let answer = classify(&catalog, "").await.unwrap();
+        assert_eq!(answer.version, "10");
+        assert_eq!(tier.asked(), ["10"]);
+    }
+
+    #[tokio::test]
+    async fn a_new_version_is_taken_up_when_the_entry_expires() {
+        let tier = Tier::serving(&[1]);
+        let catalog = ModelCatalog::new(tier.clone(), Duration::from_secs(60));
+        assert_eq!(classify(&catalog, "").await.unwrap().version, "1");
+        tier.serve(&[1, 2]);
+        // Still fresh, and version 1 still served: the cached version keeps running.
+        assert_eq!(classify(&catalog, "").await.unwrap().version, "1");
+
+        let expiring = ModelCatalog::new(tier.clone(), Duration::ZERO);
+        assert_eq!(classify(&expiring, "").await.unwrap().version, "2");
+    }
+
+    #[tokio::test]
+    async fn a_pinned_version_gone_is_fetched_again_and_retried_once_at_its_size() {
+        let tier = Tier::serving(&[1]);
+        let catalog = ModelCatalog::new(tier.clone(), Duration::from_secs(60));
+        assert_eq!(classify(&catalog, "").await.unwrap().version, "1");
+        assert_eq!(tier.metadata_calls(), 1);
+
+        // Version 1 is replaced by version 2, which takes bigger images, within the TTL.
+        tier.serve(&[2]);
+        let answer = classify(&catalog, "").await.unwrap();
+        assert_eq!(answer.version, "2");
+        assert_eq!(tier.asked(), ["1", "1", "2"]);
+        assert_eq!(tier.metadata_calls(), 2);
+        // The fresh spec replaced the stale one in the cache.
+        assert_eq!(classify(&catalog, "").await.unwrap().version, "2");
+        assert_eq!(tier.metadata_calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_pinned_version_is_retried_once_then_answered() {
+        let tier = Tier::serving(&[1]);
+        let catalog = ModelCatalog::new(tier.clone(), Duration::from_secs(60));
+        *tier.error.lock().unwrap() = Some(ModelError::Unavailable("unloading".into()));
+        let error = classify(&catalog, "").await.unwrap_err();
+        assert!(matches!(error, ModelError::Unavailable(_)), "{error:?}");
+        assert_eq!(tier.asked(), ["1", "1"]);
+        assert_eq!(tier.metadata_calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_named_version_gone_is_not_retried_but_forgotten() {
+        let tier = Tier::serving(&[1, 2]);
+        let catalog = ModelCatalog::new(tier.clone(), Duration::from_secs(60));
+        assert_eq!(classify(&catalog, "1").await.unwrap().version, "1");
+        tier.serve(&[2]);
+        let spec = catalog.spec("m", "1").await.unwrap();
+        let error = catalog.classify("m", "1", spec, sized).await.unwrap_err();
+        assert!(matches!(error, ModelError::NotFound(_)), "{error:?}");
+        assert_eq!(tier.asked(), ["1", "1"]);
+        assert_eq!(tier.metadata_calls(), 1);
+        // The next request asks the model tier again rather than trusting the dead entry.
+        assert!(matches!(
+            catalog.spec("m", "1").await,
+            Err(ModelError::NotFound(_))
+        ));
+        assert_eq!(tier.metadata_calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn other_failures_are_not_retried_and_keep_the_entry() {
+        let tier = Tier::serving(&[1]);
+        let catalog = ModelCatalog::new(tier.clone(), Duration::from_secs(60));
+        for error in [
+            ModelError::InvalidArgument("bad".into()),
+            ModelError::Overloaded("full".into()),
+            ModelError::DeadlineExceeded("late".into()),
+        ] {
+            *tier.error.lock().unwrap() = Some(error);
+            assert!(classify(&catalog, "").await.is_err());
+        }
+        assert_eq!(tier.asked(), ["1", "1", "1"]);
+        assert_eq!(tier.metadata_calls(), 1);
     }
 }

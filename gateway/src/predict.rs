@@ -1,6 +1,6 @@
 //! One prediction: image bytes or URL in, classes and per-phase timings out.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,6 +30,9 @@ pub struct PredictInput {
     pub source: ImageSource,
     /// Model name; the configured default when absent.
     pub model: Option<String>,
+    /// Version, a positive decimal integer; the configured one when absent, and without either the newest
+    /// the model tier serves.
+    pub version: Option<String>,
     /// Classes wanted; the configured default when absent.
     pub top_k: Option<u32>,
 }
@@ -97,14 +100,12 @@ pub async fn predict(
         .model
         .filter(|m| !m.trim().is_empty())
         .unwrap_or_else(|| config.default_model.clone());
-    let spec = state.catalog.spec(&model, &config.model_version).await?;
-    let max_k = spec.classes.unwrap_or(u32::MAX);
-    let top_k = input.top_k.unwrap_or(config.default_top_k.min(max_k));
-    if top_k == 0 || top_k > max_k {
-        return Err(ApiError::BadRequest(format!(
-            "top_k must be between 1 and {max_k}, got {top_k}"
-        )));
-    }
+    let version = input
+        .version
+        .unwrap_or_else(|| config.model_version.clone());
+    let spec = state.catalog.spec(&model, &version).await?;
+    // Checked before the image is fetched, so a wrong request costs no download.
+    top_k_for(&spec, input.top_k, config.default_top_k)?;
 
     let mut timings = Timings::default();
     let bytes = match input.source {
@@ -123,25 +124,41 @@ pub async fn predict(
         }
     };
 
-    let (pixels, decode_time, preprocess_time) = prepare(state, bytes, spec.clone()).await?;
-    state.metrics.phase("decode", decode_time);
-    state.metrics.phase("preprocess", preprocess_time);
-    timings.decode = ms(decode_time);
-    timings.preprocess = ms(preprocess_time);
-
+    // The catalog asks for a second request when the version is replaced under the first, maybe at
+    // another size; the time spent preparing is kept apart from the model tier's.
+    let prepared = Mutex::new(Prepared::default());
     let t = Instant::now();
     let classification = state
         .catalog
-        .client()
-        .classify(ClassifyRequest {
-            spec,
-            pixels,
-            top_k,
-            request_id: request_id.to_owned(),
+        .classify(&model, &version, spec, |spec| {
+            let (bytes, prepared) = (bytes.clone(), &prepared);
+            let requested_k = input.top_k;
+            async move {
+                let t = Instant::now();
+                let top_k = top_k_for(&spec, requested_k, config.default_top_k)?;
+                let (pixels, decode_time, preprocess_time) =
+                    prepare(state, bytes, spec.clone()).await?;
+                state.metrics.phase("decode", decode_time);
+                state.metrics.phase("preprocess", preprocess_time);
+                let mut prepared = lock(prepared);
+                prepared.decode += decode_time;
+                prepared.preprocess += preprocess_time;
+                prepared.total += t.elapsed();
+                Ok::<_, ApiError>(ClassifyRequest {
+                    spec,
+                    pixels,
+                    top_k,
+                    request_id: request_id.to_owned(),
+                })
+            }
         })
         .await?;
-    state.metrics.phase("inference", t.elapsed());
-    timings.inference = ms(t.elapsed());
+    let prepared = *lock(&prepared);
+    let inference = t.elapsed().saturating_sub(prepared.total);
+    timings.decode = ms(prepared.decode);
+    timings.preprocess = ms(prepared.preprocess);
+    state.metrics.phase("inference", inference);
+    timings.inference = ms(inference);
     state.metrics.phase("total", started.elapsed());
     timings.total = ms(started.elapsed());
 
@@ -154,6 +171,34 @@ pub async fn predict(
         timings_ms: timings,
         request_id: request_id.to_owned(),
     })
+}
+
+/// Classes to return for `spec`: the request's `top_k`, or the default capped at the class count.
+fn top_k_for(spec: &ModelSpec, requested: Option<u32>, default: u32) -> Result<u32, ApiError> {
+    let max_k = spec.classes.unwrap_or(u32::MAX);
+    let top_k = requested.unwrap_or(default.min(max_k));
+    if top_k == 0 || top_k > max_k {
+        return Err(ApiError::BadRequest(format!(
+            "top_k must be between 1 and {max_k}, got {top_k}"
+        )));
+    }
+    Ok(top_k)
+}
+
+/// Time spent turning the image into a model's pixels, over every request made for it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Prepared {
+    decode: Duration,
+    preprocess: Duration,
+    /// Decoding and preprocessing plus waiting for an image worker.
+    total: Duration,
+}
+
+fn lock(prepared: &Mutex<Prepared>) -> std::sync::MutexGuard<'_, Prepared> {
+    // Plain durations: a panicking holder leaves nothing inconsistent.
+    prepared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Decodes and preprocesses on the blocking pool, at most `max_concurrent_images` at a time, so big

@@ -1,4 +1,6 @@
-//! HTTP handlers: predict (JSON or multipart), the bundled test image, health, readiness and metrics.
+//! HTTP handlers: predict (JSON or multipart), the bundled test image, the model listing, health,
+//! readiness and metrics. Every route is fixed: nothing here forwards a call of the client's choosing to
+//! the model tier, so its control calls (loading, unloading) stay out of reach.
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
@@ -13,6 +15,8 @@ use serde_json::json;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::model_client::parse_version;
+use crate::models::ModelList;
 use crate::page;
 use crate::predict::{ImageSource, PredictInput, admit, predict};
 use crate::telemetry::RequestId;
@@ -36,6 +40,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
             post(predict_route).layer(DefaultBodyLimit::max(body_limit)),
         )
         .route("/test", get(test_route))
+        .route("/v1/models", get(models_route))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -51,6 +56,8 @@ struct PredictJson {
     image: Option<String>,
     top_k: Option<u32>,
     model: Option<String>,
+    /// A string or a number; read by [`json_version`] so a wrong one gets a message saying what to send.
+    version: Option<serde_json::Value>,
 }
 
 async fn predict_route(
@@ -71,9 +78,20 @@ async fn test_route(
     let input = PredictInput {
         source: ImageSource::Bytes(Bytes::from_static(SAMPLE_JPEG)),
         model: None,
+        version: None,
         top_k: None,
     };
     Ok(Json(predict(&state, input, &id).await?).into_response())
+}
+
+async fn models_route(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+    let entries = state.catalog.client().repository().await?;
+    let config = &state.config;
+    Ok(Json(ModelList::new(
+        entries,
+        &config.default_model,
+        &config.model_version,
+    )))
 }
 
 async fn parse_input(state: &AppState, request: Request) -> Result<PredictInput, ApiError> {
@@ -98,6 +116,7 @@ async fn parse_input(state: &AppState, request: Request) -> Result<PredictInput,
         })?;
     let parsed: PredictJson =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    let version = json_version(parsed.version.as_ref())?;
     let source = match (parsed.url, parsed.image) {
         (Some(url), None) => ImageSource::Url(url),
         (None, Some(image)) => ImageSource::Bytes(decode_base64(&image, limit)?),
@@ -111,6 +130,7 @@ async fn parse_input(state: &AppState, request: Request) -> Result<PredictInput,
     Ok(PredictInput {
         source,
         model: parsed.model,
+        version,
         top_k: parsed.top_k,
     })
 }
@@ -119,7 +139,7 @@ async fn parse_multipart(request: Request, limit: usize) -> Result<PredictInput,
     let mut multipart = Multipart::from_request(request, &())
         .await
         .map_err(|e| ApiError::BadRequest(format!("invalid multipart form: {}", e.body_text())))?;
-    let (mut image, mut url, mut model, mut top_k) = (None, None, None, None);
+    let (mut image, mut url, mut model, mut version, mut top_k) = (None, None, None, None, None);
     let too_large_or_bad = |e: axum::extract::multipart::MultipartError| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge { limit }
@@ -138,6 +158,10 @@ async fn parse_multipart(request: Request, limit: usize) -> Result<PredictInput,
             }
             "url" => url = Some(field.text().await.map_err(too_large_or_bad)?),
             "model" => model = Some(field.text().await.map_err(too_large_or_bad)?),
+            "version" => {
+                let text = field.text().await.map_err(too_large_or_bad)?;
+                version = text_version(&text)?;
+            }
             "top_k" => {
                 let text = field.text().await.map_err(too_large_or_bad)?;
                 let k = text.trim().parse::<u32>().map_err(|_| {
@@ -164,8 +188,43 @@ async fn parse_multipart(request: Request, limit: usize) -> Result<PredictInput,
     Ok(PredictInput {
         source,
         model: model.filter(|m| !m.trim().is_empty()),
+        version,
         top_k,
     })
+}
+
+/// A version given as text: a positive decimal integer, returned without leading zeros; empty means
+/// none was asked for, as with `model`.
+fn text_version(text: &str) -> Result<Option<String>, ApiError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    parse_version(text)
+        .map(|v| Some(v.to_string()))
+        .ok_or_else(|| bad_version(text))
+}
+
+/// A version given in JSON: the same text as a string, or a positive integer as a number.
+fn json_version(value: Option<&serde_json::Value>) -> Result<Option<String>, ApiError> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(text)) => text_version(text),
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .filter(|&v| v > 0)
+            .map(|v| Some(v.to_string()))
+            .ok_or_else(|| bad_version(&n.to_string())),
+        Some(other) => Err(bad_version(&other.to_string())),
+    }
+}
+
+fn bad_version(got: &str) -> ApiError {
+    // Only the start is echoed: the field can be as long as the body.
+    let got: String = got.chars().take(32).collect();
+    ApiError::BadRequest(format!(
+        "version must be a positive integer such as \"2\" (GET /v1/models lists the versions served), got `{got}`"
+    ))
 }
 
 fn missing_image() -> ApiError {
@@ -239,6 +298,6 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn not_found() -> Response {
-    let body = json!({ "error": { "code": "not_found", "message": "no such route; see GET / for the page and POST /predict for the API" } });
+    let body = json!({ "error": { "code": "not_found", "message": "no such route; see GET / for the page, POST /predict and GET /v1/models for the API" } });
     (StatusCode::NOT_FOUND, Json(body)).into_response()
 }

@@ -243,7 +243,12 @@ impl Batcher {
             let queue = queue.clone();
             std::thread::Builder::new()
                 .name(format!("batcher-{name}-{instance}"))
-                .spawn(move || worker.run(&queue))?;
+                .spawn(move || {
+                    let pool = worker.pool.clone();
+                    // Dropping the worker drops its share of the weights; the last one frees them.
+                    worker.run(&queue);
+                    crate::memory::release_free_pages_on(&pool);
+                })?;
         }
         Ok(Self { handle })
     }

@@ -89,9 +89,47 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
 
+    /// What may change the models served after start-up, as Triton names it: `none` (what the repository holds
+    /// at start is served until exit), `poll` (the repository is scanned again every `--repository-poll-secs`;
+    /// versions that appear, change or go are loaded, reloaded or unloaded) or `explicit` (only
+    /// RepositoryModelLoad / RepositoryModelUnload, over gRPC or HTTP, change what is served).
+    #[arg(long, env = "MODEL_CONTROL_MODE", value_enum, default_value_t = ControlMode::None)]
+    pub model_control_mode: ControlMode,
+
+    /// Seconds between two scans of the repository in `poll` mode. A version directory is loaded only once
+    /// its files have stayed the same from one scan to the next.
+    #[arg(long, env = "REPOSITORY_POLL_SECS", default_value_t = 15.0)]
+    pub repository_poll_secs: f64,
+
+    /// In `explicit` mode, a model to load at start-up (repeatable; `*` loads every model). Without it an
+    /// explicit-mode server starts with no model and waits for load calls.
+    #[arg(long = "load-model", env = "LOAD_MODEL", value_delimiter = ',')]
+    pub load_models: Vec<String>,
+
     /// Write logs as JSON lines instead of human-readable text.
     #[arg(long, env = "JSON_LOGS")]
     pub json_logs: bool,
+}
+
+/// `--model-control-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ControlMode {
+    /// What the repository holds at start-up is served until exit.
+    None,
+    /// The repository is scanned again at an interval.
+    Poll,
+    /// Load and unload calls decide what is served.
+    Explicit,
+}
+
+impl std::fmt::Display for ControlMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Poll => "poll",
+            Self::Explicit => "explicit",
+        })
+    }
 }
 
 /// `--instances` when neither the flag nor `INSTANCES` is given.
@@ -129,6 +167,19 @@ impl Config {
                 "--max-queue-delay is in microseconds and at most 10000000 (10 s)".into(),
             ));
         }
+        if !(0.05..=86_400.0).contains(&self.repository_poll_secs) {
+            return Err(ConfigError(format!(
+                "--repository-poll-secs must be between 0.05 and 86400, got {}",
+                self.repository_poll_secs
+            )));
+        }
+        if !self.load_models.is_empty() && self.model_control_mode != ControlMode::Explicit {
+            return Err(ConfigError(format!(
+                "--load-model applies to --model-control-mode explicit only (the mode is {}, which serves \
+                 every model of the repository)",
+                self.model_control_mode
+            )));
+        }
         if self.max_message_size < 1024 * 1024 {
             return Err(ConfigError(
                 "--max-message-size must be at least 1 MiB (1048576)".into(),
@@ -151,6 +202,11 @@ impl Config {
             DeviceChoice::Cpu => 0,
             DeviceChoice::Cuda(_) => 2_000,
         }))
+    }
+
+    /// `--repository-poll-secs` as a duration.
+    pub fn repository_poll_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.repository_poll_secs)
     }
 
     /// The element type the model computes in.
@@ -245,6 +301,41 @@ mod tests {
 
     fn config(args: &[&str]) -> Result<Config, clap::Error> {
         Config::try_parse_from(std::iter::once("model-server").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn control_mode_defaults_to_none_and_load_model_needs_explicit() {
+        let plain = config(&[]).unwrap();
+        assert_eq!(plain.model_control_mode, ControlMode::None);
+        assert_eq!(plain.repository_poll_interval(), Duration::from_secs(15));
+        assert!(plain.load_models.is_empty());
+        let explicit = config(&[
+            "--model-control-mode",
+            "explicit",
+            "--load-model",
+            "a,b",
+            "--load-model",
+            "c",
+        ])
+        .unwrap();
+        assert_eq!(explicit.load_models, ["a", "b", "c"]);
+        explicit.validate().unwrap();
+        let e = config(&["--model-control-mode", "poll", "--load-model", "a"])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--load-model applies to --model-control-mode explicit"),
+            "{e}"
+        );
+        let e = config(&["--repository-poll-secs", "0"])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--repository-poll-secs must be between"), "{e}");
+        assert!(config(&["--model-control-mode", "sometimes"]).is_err());
     }
 
     #[test]

@@ -27,6 +27,12 @@ pub enum InferError {
     QueueFull(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error(
+        "model control is `{0}`: load and unload calls need a server started with --model-control-mode explicit"
+    )]
+    ControlDisabled(String),
+    #[error("model `{model}` failed to load: {reason}")]
+    LoadFailed { model: String, reason: String },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -39,7 +45,20 @@ impl InferError {
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::NotReady { .. } | Self::ShuttingDown => Code::Unavailable,
             Self::QueueFull(_) => Code::ResourceExhausted,
-            Self::Backend(_) => Code::Internal,
+            Self::ControlDisabled(_) => Code::FailedPrecondition,
+            Self::Backend(_) | Self::LoadFailed { .. } => Code::Internal,
+        }
+    }
+
+    /// The HTTP status for this error, for the model server's REST paths: the same table as [`Self::code`].
+    pub fn http_status(&self) -> u16 {
+        match self.code() {
+            Code::NotFound => 404,
+            Code::InvalidArgument => 400,
+            Code::FailedPrecondition => 403,
+            Code::ResourceExhausted => 429,
+            Code::Unavailable => 503,
+            _ => 500,
         }
     }
 }

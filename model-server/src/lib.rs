@@ -9,6 +9,9 @@ pub mod efficientnet;
 pub mod error;
 pub mod http;
 pub mod kernels;
+pub mod lifecycle;
+pub mod load;
+pub mod memory;
 pub mod metrics;
 pub mod pools;
 pub mod pth;
@@ -31,7 +34,10 @@ use tonic_health::ServingStatus;
 
 pub use config::Config;
 
-use registry::{LoadOptions, Registry};
+use config::ControlMode;
+use lifecycle::Lifecycle;
+use load::LoadOptions;
+use registry::Registry;
 use service::InferenceService;
 
 /// Serves gRPC on `listener` and HTTP on `--http-addr` until `shutdown` completes. Health reports
@@ -57,19 +63,46 @@ pub async fn serve_with(
     config.validate()?;
     // Before anything else: a GPU that cannot be had is a configuration error, not a model that fails to load.
     let device = config.device.open()?;
-    let entries = repository::scan(&config.model_repository)?;
+    repository::check_root(&config.model_repository)?;
+    if config.model_control_mode == ControlMode::None
+        && repository::model_names(&config.model_repository)?.is_empty()
+    {
+        return Err(repository::RepositoryError::Empty(config.model_repository.clone()).into());
+    }
     let threads = config.inference_threads();
     let pools = Arc::new(pools::Pools::new(threads));
     // The flag's layout is started now, so pools that cannot start fail the server rather than every model.
     pools
         .get(config.instances)
         .context("starting the inference thread pools")?;
-    let registry = Arc::new(Registry::new(entries));
+    let registry = Arc::new(Registry::new());
+    let opts = LoadOptions {
+        pools,
+        instances: config.instances,
+        device,
+        dtype: config.dtype(),
+        max_batch_size: config.max_batch_size(),
+        max_queue_delay: config.max_queue_delay(),
+        queue_size: config.max_queue_size,
+    };
+    let lifecycle = Arc::new(
+        Lifecycle::new(
+            registry.clone(),
+            config.model_repository.clone(),
+            config.model_control_mode,
+            opts,
+        )
+        .context("registering metrics")?,
+    );
     let stopping = Arc::new(AtomicBool::new(false));
     let http_addr = http_listener.local_addr()?;
+    let metrics = metrics::Metrics::new(registry.clone()).context("registering metrics")?;
+    metrics
+        .register(Box::new(lifecycle.failure_counter()))
+        .context("registering metrics")?;
     let http_state = http::HttpState {
-        metrics: metrics::Metrics::new(registry.clone()).context("registering metrics")?,
-        models: registry.clone(),
+        metrics,
+        lifecycle: lifecycle.clone(),
         draining: stopping.clone(),
     };
     let http_server = tokio::spawn(async move {
@@ -90,33 +123,46 @@ pub async fn serve_with(
             .set_service_status(name, ServingStatus::NotServing)
             .await;
     }
-    tracing::info!(device = ?config.device, dtype = %config.dtype, max_batch_size = config.max_batch_size(), max_queue_delay_us = config.max_queue_delay().as_micros() as u64, "inference device");
-    let opts = LoadOptions {
-        pools,
-        instances: config.instances,
-        device,
-        dtype: config.dtype(),
-        max_batch_size: config.max_batch_size(),
-        max_queue_delay: config.max_queue_delay(),
-        queue_size: config.max_queue_size,
-    };
-    let loader = {
-        let (registry, health) = (registry.clone(), health.clone());
-        async move {
-            registry.load_all(&opts).await;
-            if registry.all_ready() {
-                for name in ["", SERVICE] {
-                    health
-                        .set_service_status(name, ServingStatus::Serving)
-                        .await;
+    tracing::info!(device = ?config.device, dtype = %config.dtype, max_batch_size = config.max_batch_size(), max_queue_delay_us = config.max_queue_delay().as_micros() as u64, model_control_mode = %config.model_control_mode, "inference device");
+    // Health follows readiness, which loads and unloads change after start-up too.
+    let mut ready = lifecycle.watch_ready();
+    let health_follower = {
+        let (health, stopping) = (health.clone(), stopping.clone());
+        tokio::spawn(async move {
+            while ready.changed().await.is_ok() {
+                let serving = *ready.borrow_and_update();
+                if stopping.load(Ordering::SeqCst) {
+                    break;
                 }
-                tracing::info!("all models ready; serving");
-            } else {
-                tracing::error!("some models failed to load; health stays NOT_SERVING");
+                let status = if serving {
+                    tracing::info!("all models ready; serving");
+                    ServingStatus::Serving
+                } else {
+                    tracing::error!("a model has no version that can serve; health is NOT_SERVING");
+                    ServingStatus::NotServing
+                };
+                for name in ["", SERVICE] {
+                    health.set_service_status(name, status).await;
+                }
+            }
+        })
+    };
+    let _health_follower = AbortOnDrop(health_follower);
+    let loader = {
+        let lifecycle = lifecycle.clone();
+        let (load_models, mode) = (config.load_models.clone(), config.model_control_mode);
+        let interval = config.repository_poll_interval();
+        async move {
+            if let Err(e) = lifecycle.start(&load_models).await {
+                tracing::error!(error = %e, "cannot read the model repository; health stays NOT_SERVING");
+                return;
+            }
+            if mode == ControlMode::Poll {
+                lifecycle.poll(interval).await;
             }
         }
     };
-    tokio::spawn(loader);
+    let _loader = AbortOnDrop(tokio::spawn(loader));
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(oip_proto::FILE_DESCRIPTOR_SET)
@@ -124,7 +170,7 @@ pub async fn serve_with(
         .build_v1()
         .context("building the reflection service")?;
     let inference = GrpcInferenceServiceServer::new(InferenceService::new(
-        registry,
+        lifecycle,
         config.max_batch_size(),
         config.instances,
     ))

@@ -9,8 +9,8 @@ use prometheus::proto::{
 };
 use prometheus::{Encoder, Registry as PromRegistry, TextEncoder};
 
-use crate::registry::{Registry, State};
-use crate::stats::{Hist, Snapshot};
+use crate::registry::Registry;
+use crate::stats::{Hist, Snapshot, Stats};
 
 /// `(name, help, type)` of every family the model collector reports.
 const FAMILIES: &[(&str, &str, MetricType)] = &[
@@ -97,6 +97,14 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Self { registry })
+    }
+
+    /// Adds a collector kept elsewhere (the lifecycle's load failures).
+    pub fn register(
+        &self,
+        c: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(c)
     }
 
     /// The Prometheus text exposition of every metric.
@@ -244,18 +252,13 @@ impl Collector for ModelCollector {
             })
             .collect();
         for slot in self.models.slots() {
-            let (pending, loaded) = match slot.state() {
-                State::Ready(l) => (l.batcher.queue_depth(), true),
-                _ => (0, false),
+            let serving = slot.serving();
+            let (pending, loaded, snapshot) = match &serving {
+                Some(l) => (l.batcher.queue_depth(), true, l.stats().snapshot()),
+                None => (0, false, Stats::default().snapshot()),
             };
             let version = slot.version.to_string();
-            let metrics = version_metrics(
-                &slot.model,
-                &version,
-                &slot.stats.snapshot(),
-                pending,
-                loaded,
-            );
+            let metrics = version_metrics(&slot.model, &version, &snapshot, pending, loaded);
             for (family, mut metrics) in families.iter_mut().zip(metrics) {
                 family.mut_metric().append(&mut metrics);
             }

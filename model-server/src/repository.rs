@@ -60,7 +60,7 @@ pub struct InstanceGroup {
 }
 
 /// `config.json` of one model version.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct VersionConfig {
     /// Network architecture, e.g. `efficientnet-lite0`.
     pub architecture: String,
@@ -86,63 +86,239 @@ impl VersionConfig {
     }
 }
 
-/// One `<model>/<version>` directory, with its config read and checked.
+/// `version_policy` of a model's `config.json`, as Triton's: which of the versions on disk are served.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VersionPolicy {
+    /// The `num_versions` highest versions.
+    Latest { num_versions: usize },
+    /// Every version.
+    All {},
+    /// These versions, where they exist.
+    Specific { versions: Vec<u64> },
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        Self::Latest { num_versions: 1 }
+    }
+}
+
+impl VersionPolicy {
+    /// The versions of `available` (ascending) this policy serves.
+    pub fn select(&self, available: &[u64]) -> Vec<u64> {
+        match self {
+            Self::Latest { num_versions } => {
+                available[available.len().saturating_sub(*num_versions)..].to_vec()
+            }
+            Self::All {} => available.to_vec(),
+            Self::Specific { versions } => available
+                .iter()
+                .copied()
+                .filter(|v| versions.contains(v))
+                .collect(),
+        }
+    }
+}
+
+/// The optional model-wide `<model>/config.json`: settings that span the model's versions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    #[serde(default)]
+    pub version_policy: VersionPolicy,
+}
+
+/// A `config` load parameter: a JSON object over the model's configuration. Its `version_policy` replaces the
+/// model's; every other field replaces that field of each version's `config.json`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConfigOverride {
+    model: serde_json::Map<String, serde_json::Value>,
+    version: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ConfigOverride {
+    /// Parses the parameter's JSON text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| format!("the `config` parameter is not valid JSON: {e}"))?;
+        let serde_json::Value::Object(fields) = value else {
+            return Err("the `config` parameter must be a JSON object".into());
+        };
+        let (model, version) = fields
+            .into_iter()
+            .partition(|(key, _)| key == "version_policy");
+        Ok(Self { model, version })
+    }
+}
+
+/// What one size and modification time say of a version directory's files: when it is the same in two scans,
+/// nothing was written in between.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint(Vec<(PathBuf, u64, Option<std::time::SystemTime>)>);
+
+impl Fingerprint {
+    /// Walks `dir` (subdirectories too, symbolic links followed).
+    pub fn of(dir: &Path) -> Result<Self, RepositoryError> {
+        let mut files = Vec::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(d) = pending.pop() {
+            let io = |source| RepositoryError::Io {
+                path: d.clone(),
+                source,
+            };
+            for entry in std::fs::read_dir(&d).map_err(io)? {
+                let path = entry.map_err(io)?.path();
+                let meta = std::fs::metadata(&path).map_err(|source| RepositoryError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                if meta.is_dir() {
+                    pending.push(path);
+                } else {
+                    let relative = path.strip_prefix(dir).unwrap_or(&path).to_path_buf();
+                    files.push((relative, meta.len(), meta.modified().ok()));
+                }
+            }
+        }
+        files.sort();
+        Ok(Self(files))
+    }
+}
+
+/// One `<model>/<version>` directory as found on disk.
 #[derive(Debug, Clone)]
-pub struct VersionEntry {
-    pub model: String,
+pub struct VersionDir {
     pub version: u64,
     pub dir: PathBuf,
-    pub config: Result<VersionConfig, String>,
+    /// `None` when the directory could not be read (it went while being walked, say).
+    pub fingerprint: Option<Fingerprint>,
 }
 
-impl VersionEntry {
-    /// Path of the weights file.
-    pub fn weights_path(&self, config: &VersionConfig) -> PathBuf {
-        self.dir.join(&config.weights)
+/// One model directory: its model-wide config and its version directories, ascending.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    pub config: Result<ModelConfig, String>,
+    pub versions: Vec<VersionDir>,
+}
+
+impl ModelDir {
+    /// The version numbers on disk, ascending.
+    pub fn numbers(&self) -> Vec<u64> {
+        self.versions.iter().map(|v| v.version).collect()
     }
 }
 
-/// Lists every model version under `root`, sorted by model then version.
-/// A version whose config is unreadable is listed with the reason, so the
-/// server can report it instead of silently skipping it.
-pub fn scan(root: &Path) -> Result<Vec<VersionEntry>, RepositoryError> {
-    if !root.is_dir() {
-        return Err(RepositoryError::Missing(root.to_path_buf()));
+/// Checks that `root` is a repository directory.
+pub fn check_root(root: &Path) -> Result<(), RepositoryError> {
+    if root.is_dir() {
+        Ok(())
+    } else {
+        Err(RepositoryError::Missing(root.to_path_buf()))
     }
-    let mut entries = Vec::new();
-    for model_dir in read_dirs(root)? {
-        let Some(model) = model_dir
+}
+
+/// The model names under `root`, sorted.
+pub fn model_names(root: &Path) -> Result<Vec<String>, RepositoryError> {
+    check_root(root)?;
+    let mut names: Vec<String> = read_dirs(root)?
+        .iter()
+        .filter_map(|d| d.file_name()?.to_str().map(str::to_owned))
+        // A hidden directory is where a model is prepared before it is renamed into place.
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Reads `<root>/<model>`: `None` when the model's directory is not there.
+pub fn scan_model(
+    root: &Path,
+    model: &str,
+    config_override: Option<&ConfigOverride>,
+) -> Result<Option<ModelDir>, RepositoryError> {
+    let model_dir = root.join(model);
+    if !model_dir.is_dir() {
+        return Ok(None);
+    }
+    let mut versions = Vec::new();
+    for version_dir in read_dirs(&model_dir)? {
+        // Triton's convention: version directories are positive integers; anything else (a temporary name a
+        // version is copied under before it is renamed into place, say) is not a version.
+        let Some(version) = version_dir
             .file_name()
             .and_then(|n| n.to_str())
-            .map(str::to_owned)
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse::<u64>().ok())
+            .filter(|v| *v > 0)
         else {
             continue;
         };
-        for version_dir in read_dirs(&model_dir)? {
-            // Triton's convention: version directories are positive integers;
-            // anything else (e.g. a temporary directory) is not a version.
-            let Some(version) = version_dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.parse::<u64>().ok())
-                .filter(|v| *v > 0)
-            else {
-                continue;
-            };
-            let config = read_config(&version_dir).map_err(|e| e.to_string());
-            entries.push(VersionEntry {
-                model: model.clone(),
-                version,
-                dir: version_dir,
-                config,
-            });
+        versions.push(VersionDir {
+            version,
+            fingerprint: Fingerprint::of(&version_dir).ok(),
+            dir: version_dir,
+        });
+    }
+    versions.sort_by_key(|v| v.version);
+    let config = read_model_config(&model_dir, config_override).map_err(|e| e.to_string());
+    Ok(Some(ModelDir { config, versions }))
+}
+
+/// Reads the optional `<model>/config.json`, with an override's `version_policy` over it.
+fn read_model_config(
+    model_dir: &Path,
+    config_override: Option<&ConfigOverride>,
+) -> Result<ModelConfig, RepositoryError> {
+    let path = model_dir.join(CONFIG_FILE);
+    let mut fields = if path.is_file() {
+        match read_json(&path)? {
+            serde_json::Value::Object(fields) => fields,
+            _ => {
+                return Err(RepositoryError::Invalid {
+                    path,
+                    reason: "must be a JSON object".into(),
+                });
+            }
         }
+    } else {
+        serde_json::Map::new()
+    };
+    if let Some(o) = config_override {
+        fields.extend(o.model.clone());
     }
-    if entries.is_empty() {
-        return Err(RepositoryError::Empty(root.to_path_buf()));
+    // serde's own message names the bad variant but not the field it is in.
+    if let Some(policy) = fields.get("version_policy") {
+        VersionPolicy::deserialize(policy).map_err(|e| RepositoryError::Invalid {
+            path: path.clone(),
+            reason: format!("version_policy: {e}"),
+        })?;
     }
-    entries.sort_by(|a, b| (&a.model, a.version).cmp(&(&b.model, b.version)));
-    Ok(entries)
+    let config: ModelConfig =
+        serde_json::from_value(serde_json::Value::Object(fields)).map_err(|source| {
+            RepositoryError::Config {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    if config.version_policy == (VersionPolicy::Latest { num_versions: 0 }) {
+        return Err(RepositoryError::Invalid {
+            path,
+            reason: "version_policy.latest.num_versions must be at least 1".into(),
+        });
+    }
+    Ok(config)
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, RepositoryError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RepositoryError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| RepositoryError::Config {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn read_dirs(dir: &Path) -> Result<Vec<PathBuf>, RepositoryError> {
@@ -162,13 +338,21 @@ fn read_dirs(dir: &Path) -> Result<Vec<PathBuf>, RepositoryError> {
 
 /// Reads and checks `config.json` in a version directory.
 pub fn read_config(dir: &Path) -> Result<VersionConfig, RepositoryError> {
+    read_config_with(dir, None)
+}
+
+/// Reads and checks `config.json` in a version directory, with a load call's override over it.
+pub fn read_config_with(
+    dir: &Path,
+    config_override: Option<&ConfigOverride>,
+) -> Result<VersionConfig, RepositoryError> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|source| RepositoryError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    let mut value = read_json(&path)?;
+    if let (Some(o), serde_json::Value::Object(fields)) = (config_override, &mut value) {
+        fields.extend(o.version.clone());
+    }
     let config: VersionConfig =
-        serde_json::from_str(&text).map_err(|source| RepositoryError::Config {
+        serde_json::from_value(value).map_err(|source| RepositoryError::Config {
             path: path.clone(),
             source,
         })?;
@@ -259,43 +443,165 @@ mod tests {
     }
 
     #[test]
-    fn scan_lists_numeric_versions_sorted_and_keeps_broken_ones() {
+    fn scan_model_lists_numeric_versions_sorted_with_their_files() {
         let root = temp_repo("scan");
         for (model, version, body) in [
             ("m", "2", config_json(10)),
+            ("m", "10", config_json(10)),
             ("m", "1", config_json(10)),
             ("m", "tmp", config_json(10)),
+            ("m", "+3", config_json(10)),
+            ("m", "0", config_json(10)),
             ("broken", "1", "{not json".to_owned()),
+            (".staging", "1", config_json(10)),
         ] {
             let dir = root.join(model).join(version);
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join(CONFIG_FILE), body).unwrap();
         }
-        let entries = scan(&root).unwrap();
-        let names: Vec<_> = entries
-            .iter()
-            .map(|e| (e.model.as_str(), e.version))
-            .collect();
-        assert_eq!(names, [("broken", 1), ("m", 1), ("m", 2)]);
+        assert_eq!(model_names(&root).unwrap(), ["broken", "m"]);
+        let m = scan_model(&root, "m", None).unwrap().unwrap();
+        assert_eq!(m.numbers(), [1, 2, 10]);
+        assert_eq!(m.config, Ok(ModelConfig::default()));
+        let files = m.versions[0].fingerprint.as_ref().unwrap();
+        assert_eq!(files.0.len(), 1);
+        assert_eq!(files.0[0].0, PathBuf::from(CONFIG_FILE));
+        // A broken version config is found by the load, not by the scan.
+        let broken = scan_model(&root, "broken", None).unwrap().unwrap();
+        assert_eq!(broken.numbers(), [1]);
         assert!(
-            entries[0]
-                .config
-                .as_ref()
+            read_config(&broken.versions[0].dir)
                 .unwrap_err()
+                .to_string()
                 .contains("not a valid model config")
         );
-        assert_eq!(entries[2].config.as_ref().unwrap().num_classes, 10);
+        assert!(scan_model(&root, "absent", None).unwrap().is_none());
         std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]
-    fn scan_refuses_missing_and_empty_repositories() {
+    fn model_names_refuses_a_missing_repository() {
         let root = temp_repo("empty");
-        assert!(matches!(scan(&root), Err(RepositoryError::Empty(_))));
+        assert!(model_names(&root).unwrap().is_empty());
         assert!(matches!(
-            scan(&root.join("nope")),
+            model_names(&root.join("nope")),
             Err(RepositoryError::Missing(_))
         ));
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_fingerprint_changes_when_a_file_grows_or_appears() {
+        let root = temp_repo("fingerprint");
+        std::fs::write(root.join("a"), b"12").unwrap();
+        let before = Fingerprint::of(&root).unwrap();
+        assert_eq!(Fingerprint::of(&root).unwrap(), before);
+        std::fs::write(root.join("a"), b"123").unwrap();
+        let grown = Fingerprint::of(&root).unwrap();
+        assert_ne!(grown, before);
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/b"), b"").unwrap();
+        assert_ne!(Fingerprint::of(&root).unwrap(), grown);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn version_policies_select_as_triton_s() {
+        let on_disk = [1, 2, 5, 9];
+        let latest = |n| VersionPolicy::Latest { num_versions: n };
+        assert_eq!(VersionPolicy::default(), latest(1));
+        assert_eq!(latest(1).select(&on_disk), [9]);
+        assert_eq!(latest(2).select(&on_disk), [5, 9]);
+        assert_eq!(latest(10).select(&on_disk), on_disk);
+        assert_eq!(VersionPolicy::All {}.select(&on_disk), on_disk);
+        let specific = VersionPolicy::Specific {
+            versions: vec![2, 3, 9],
+        };
+        assert_eq!(specific.select(&on_disk), [2, 9]);
+        assert!(latest(1).select(&[]).is_empty());
+        for (json, expected) in [
+            (r#"{"latest": {"num_versions": 2}}"#, latest(2)),
+            (r#"{"all": {}}"#, VersionPolicy::All {}),
+            (
+                r#"{"specific": {"versions": [1, 3]}}"#,
+                VersionPolicy::Specific {
+                    versions: vec![1, 3],
+                },
+            ),
+        ] {
+            assert_eq!(
+                serde_json::from_str::<VersionPolicy>(json).unwrap(),
+                expected
+            );
+        }
+    }
+
+    #[test]
+    fn the_model_config_holds_the_policy_and_an_override_replaces_it() {
+        let root = temp_repo("model-config");
+        let model = root.join("m");
+        std::fs::create_dir_all(model.join("1")).unwrap();
+        std::fs::write(model.join("1").join(CONFIG_FILE), config_json(10)).unwrap();
+        std::fs::write(
+            model.join(CONFIG_FILE),
+            r#"{"version_policy": {"all": {}}}"#,
+        )
+        .unwrap();
+        let scanned = scan_model(&root, "m", None).unwrap().unwrap();
+        assert_eq!(
+            scanned.config.unwrap().version_policy,
+            VersionPolicy::All {}
+        );
+
+        let o = ConfigOverride::parse(
+            r#"{"version_policy": {"specific": {"versions": [1]}}, "num_classes": 3}"#,
+        )
+        .unwrap();
+        let scanned = scan_model(&root, "m", Some(&o)).unwrap().unwrap();
+        assert_eq!(
+            scanned.config.unwrap().version_policy,
+            VersionPolicy::Specific { versions: vec![1] }
+        );
+        let version = read_config_with(&model.join("1"), Some(&o)).unwrap();
+        assert_eq!(version.num_classes, 3);
+        assert_eq!(read_config(&model.join("1")).unwrap().num_classes, 10);
+
+        // Checked after the override, as if it were the file.
+        let zero = ConfigOverride::parse(r#"{"num_classes": 0}"#).unwrap();
+        assert!(
+            read_config_with(&model.join("1"), Some(&zero))
+                .unwrap_err()
+                .to_string()
+                .contains("num_classes must be positive")
+        );
+        let no_versions =
+            ConfigOverride::parse(r#"{"version_policy": {"latest": {"num_versions": 0}}}"#)
+                .unwrap();
+        assert!(
+            scan_model(&root, "m", Some(&no_versions))
+                .unwrap()
+                .unwrap()
+                .config
+                .unwrap_err()
+                .contains("at least 1")
+        );
+        std::fs::write(
+            model.join(CONFIG_FILE),
+            r#"{"version_policy": {"newest": {}}}"#,
+        )
+        .unwrap();
+        let refused = scan_model(&root, "m", None)
+            .unwrap()
+            .unwrap()
+            .config
+            .unwrap_err();
+        assert!(
+            refused.contains("version_policy: unknown variant `newest`"),
+            "{refused}"
+        );
+        for bad in ["[1]", "{", "\"x\""] {
+            assert!(ConfigOverride::parse(bad).is_err(), "{bad}");
+        }
         std::fs::remove_dir_all(root).unwrap();
     }
 

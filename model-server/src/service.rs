@@ -10,16 +10,20 @@ use oip_proto::inference::{
     ModelInferRequest, ModelInferResponse, ModelInput, ModelInstanceGroup, ModelMetadataRequest,
     ModelMetadataResponse, ModelOutput, ModelReadyRequest, ModelReadyResponse,
     ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
-    RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
-    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse, model_input,
-    model_instance_group,
+    RepositoryIndexResponse, RepositoryModelLoadRequest, RepositoryModelLoadResponse,
+    RepositoryModelUnloadRequest, RepositoryModelUnloadResponse, ServerLiveRequest,
+    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+    ServerReadyResponse, model_input, model_instance_group,
+    model_repository_parameter::ParameterChoice,
 };
 use tonic::{Request, Response, Status};
 
 use crate::codec::{self, INPUT, LOGITS, PIXELS, PROBABILITIES};
-use crate::registry::{Registry, State};
-use crate::repository::VersionConfig;
-use crate::stats::Failure;
+use crate::error::{InferError, invalid};
+use crate::lifecycle::Lifecycle;
+use crate::registry::{IndexEntry, Registry};
+use crate::repository::{ConfigOverride, VersionConfig};
+use crate::stats::{Failure, Stats};
 
 /// Name reported by ServerMetadata.
 pub const SERVER_NAME: &str = "model-server";
@@ -37,6 +41,7 @@ const PLATFORM: &str = "candle";
 
 /// The gRPC service over the model registry.
 pub struct InferenceService {
+    lifecycle: Arc<Lifecycle>,
     registry: Arc<Registry>,
     max_batch_size: usize,
     /// `--instances`, which a version's own `instance_group` overrides.
@@ -45,9 +50,10 @@ pub struct InferenceService {
 
 impl InferenceService {
     /// A service answering for every model in `registry`.
-    pub fn new(registry: Arc<Registry>, max_batch_size: usize, instances: usize) -> Self {
+    pub fn new(lifecycle: Arc<Lifecycle>, max_batch_size: usize, instances: usize) -> Self {
         Self {
-            registry,
+            registry: lifecycle.registry().clone(),
+            lifecycle,
             max_batch_size,
             instances,
         }
@@ -158,7 +164,7 @@ impl GrpcInferenceService for InferenceService {
         let r = req.into_inner();
         let slot = self.registry.resolve(&r.name, &r.version)?;
         Ok(Response::new(ModelReadyResponse {
-            ready: matches!(slot.state(), State::Ready(_)),
+            ready: slot.ready().is_ok(),
         }))
     }
 
@@ -179,11 +185,13 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let r = req.into_inner();
         let slot = self.registry.resolve(&r.name, &r.version)?;
-        let c = slot.config()?;
+        let loaded = slot.ready()?;
+        let c = &loaded.config;
+        // The versions that serve now: a client pins one of them, so its input size and labels never mix.
         let versions = self
             .registry
-            .versions(&r.name)?
-            .keys()
+            .serving_versions(&r.name)
+            .iter()
             .map(u64::to_string)
             .collect();
         Ok(Response::new(ModelMetadataResponse {
@@ -226,10 +234,10 @@ impl GrpcInferenceService for InferenceService {
             &mut r.inputs,
             raw,
             &r.outputs,
-            slot.config()?,
+            &loaded.config,
             self.max_batch_size,
         )
-        .inspect_err(|_| slot.stats.record_refused(Failure::InvalidArgument))?;
+        .inspect_err(|_| loaded.stats().record_refused(Failure::InvalidArgument))?;
         drop(_enter);
         let batch = parsed.request.batch;
         let result =
@@ -255,9 +263,10 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelConfigResponse>, Status> {
         let r = req.into_inner();
         let slot = self.registry.resolve(&r.name, &r.version)?;
+        let loaded = slot.ready()?;
         let config = model_config(
             &slot.model,
-            slot.config()?,
+            &loaded.config,
             self.max_batch_size,
             self.instances,
         );
@@ -271,21 +280,21 @@ impl GrpcInferenceService for InferenceService {
         req: Request<ModelStatisticsRequest>,
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
         let r = req.into_inner();
-        let model_stats = if r.name.is_empty() {
-            self.registry
-                .slots()
-                .map(|s| s.stats.to_proto(&s.model, s.version))
-                .collect()
+        let slots = if r.name.is_empty() {
+            self.registry.slots()
         } else if r.version.is_empty() {
-            self.registry
-                .versions(&r.name)?
-                .values()
-                .map(|s| s.stats.to_proto(&s.model, s.version))
-                .collect()
+            self.registry.versions(&r.name)?
         } else {
-            let s = self.registry.resolve(&r.name, &r.version)?;
-            vec![s.stats.to_proto(&s.model, s.version)]
+            vec![self.registry.resolve(&r.name, &r.version)?]
         };
+        // A version that does not serve has served nothing since it was (re)loaded.
+        let model_stats = slots
+            .iter()
+            .map(|s| match s.serving() {
+                Some(l) => l.stats().to_proto(&s.model, s.version),
+                None => Stats::default().to_proto(&s.model, s.version),
+            })
+            .collect();
         Ok(Response::new(ModelStatisticsResponse { model_stats }))
     }
 
@@ -295,22 +304,82 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
         let ready_only = req.into_inner().ready;
         let models = self
-            .registry
-            .slots()
-            .filter_map(|s| {
-                let (state, reason) = match s.state() {
-                    State::Ready(_) => ("READY", String::new()),
-                    State::Loading => ("LOADING", String::new()),
-                    State::Unavailable(reason) => ("UNAVAILABLE", reason),
-                };
-                (!ready_only || state == "READY").then(|| ModelIndex {
-                    name: s.model.clone(),
-                    version: s.version.to_string(),
-                    state: state.to_owned(),
-                    reason,
-                })
-            })
+            .lifecycle
+            .index()
+            .into_iter()
+            .filter(|e| !ready_only || e.phase == crate::registry::Phase::Ready)
+            .map(index_entry)
             .collect();
         Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        req: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        let r = req.into_inner();
+        let config = load_parameters(&r.parameters)?;
+        let span = tracing::info_span!("repository_model_load", model = %r.model_name);
+        tracing::Instrument::instrument(self.lifecycle.load_model(&r.model_name, config), span)
+            .await?;
+        Ok(Response::new(RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        req: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        let r = req.into_inner();
+        check_unload_parameters(r.parameters.keys().map(String::as_str))?;
+        let span = tracing::info_span!("repository_model_unload", model = %r.model_name);
+        tracing::Instrument::instrument(self.lifecycle.unload_model(&r.model_name), span).await?;
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
+    }
+}
+
+/// One RepositoryIndex line.
+fn index_entry(e: IndexEntry) -> ModelIndex {
+    ModelIndex {
+        name: e.model,
+        version: e.version.map(|v| v.to_string()).unwrap_or_default(),
+        state: e.phase.as_str().to_owned(),
+        reason: e.reason,
+    }
+}
+
+/// The `config` parameter of a load call, the only one this server takes (Triton's `file:` parameters, which
+/// upload model files through the control call, are refused: models come from the repository).
+pub fn load_parameters(
+    params: &std::collections::HashMap<String, oip_proto::inference::ModelRepositoryParameter>,
+) -> Result<Option<ConfigOverride>, InferError> {
+    let mut config = None;
+    for (name, value) in params {
+        if name != "config" {
+            return Err(invalid(format!(
+                "load parameter `{name}` is not supported; the only one is `config`, a JSON override of the \
+                 model's config.json"
+            )));
+        }
+        let text = match &value.parameter_choice {
+            Some(ParameterChoice::StringParam(s)) => s.clone(),
+            Some(ParameterChoice::BytesParam(b)) => String::from_utf8(b.clone())
+                .map_err(|_| invalid("the `config` parameter must be UTF-8 JSON text"))?,
+            _ => return Err(invalid("the `config` parameter must be a string of JSON")),
+        };
+        config = Some(ConfigOverride::parse(&text).map_err(InferError::InvalidArgument)?);
+    }
+    Ok(config)
+}
+
+/// Unload takes Triton's `unload_dependents` (there are no ensembles here, so it changes nothing) and nothing
+/// else.
+pub fn check_unload_parameters<'a>(
+    mut names: impl Iterator<Item = &'a str>,
+) -> Result<(), InferError> {
+    match names.find(|n| *n != "unload_dependents") {
+        Some(name) => Err(invalid(format!(
+            "unload parameter `{name}` is not supported; the only one is `unload_dependents`"
+        ))),
+        None => Ok(()),
     }
 }

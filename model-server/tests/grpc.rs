@@ -561,17 +561,20 @@ async fn reflection_lists_the_inference_and_health_services() {
 async fn a_queued_call_whose_deadline_passes_is_dropped_without_running() {
     let server = TestServer::start(&["--max-batch-size", "8"]).await;
     let client = server.client().await;
-    // Eight images keep the model busy for a while.
-    let busy = {
-        let mut c = client.clone();
-        tokio::spawn(async move {
-            c.model_infer(pixels_request(vec![0; 8 * 224 * 224 * 3], 8, vec![]))
-                .await
+    // Four full batches keep the model busy for several times the late call's deadline, on any machine
+    // that takes more than 15 ms per batch of eight.
+    let busy: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                c.model_infer(pixels_request(vec![0; 8 * 224 * 224 * 3], 8, vec![]))
+                    .await
+            })
         })
-    };
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let mut late = tonic::Request::new(pixels_request(vec![0; 224 * 224 * 3], 1, vec![]));
-    late.set_timeout(std::time::Duration::from_millis(200));
+    late.set_timeout(std::time::Duration::from_millis(50));
     let status = client
         .clone()
         .model_infer(late)
@@ -582,7 +585,9 @@ async fn a_queued_call_whose_deadline_passes_is_dropped_without_running() {
         matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{status:?}"
     );
-    busy.await.expect("task").expect("the busy call completes");
+    for call in busy {
+        call.await.expect("task").expect("the busy calls complete");
+    }
 
     let stats = client
         .clone()
@@ -593,9 +598,9 @@ async fn a_queued_call_whose_deadline_passes_is_dropped_without_running() {
         .await
         .expect("statistics")
         .into_inner();
-    // Only the eight images ran: the late call was dropped when the batcher reached it.
-    assert_eq!(stats.model_stats[0].inference_count, 8, "{stats:?}");
-    assert_eq!(stats.model_stats[0].execution_count, 1, "{stats:?}");
+    // Only the busy images ran: the late call was dropped when the batcher reached it.
+    assert_eq!(stats.model_stats[0].inference_count, 32, "{stats:?}");
+    assert_eq!(stats.model_stats[0].execution_count, 4, "{stats:?}");
     server.stop().await;
 }
 

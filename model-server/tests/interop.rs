@@ -3,23 +3,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::*;
-
-/// Python with tritonclient[grpc] and numpy: `OIP_PYTHON`, else the
-/// project's virtual environment that scripts/test.sh creates.
-fn python() -> PathBuf {
-    let python = std::env::var_os("OIP_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join(".venv/bin/python"));
-    assert!(
-        python.is_file(),
-        "{} not found: run scripts/test.sh (it creates .venv with tritonclient[grpc] and numpy) or set OIP_PYTHON",
-        python.display()
-    );
-    python
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_grpc_gets_metadata_logits_and_labels() {

@@ -13,7 +13,7 @@ use oip_proto::inference::infer_parameter::ParameterChoice;
 use oip_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use oip_proto::inference::{
     InferParameter, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
-    ModelMetadataResponse, ModelReadyRequest,
+    ModelMetadataResponse, ModelReadyRequest, RepositoryIndexRequest,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -23,7 +23,10 @@ use super::discovery::{self, Resolve, SystemResolver, Target};
 use super::metrics::UpstreamMetrics;
 use super::pool::{self, Ejection, EndpointStatus, Pool};
 use super::retry::{self, RetryBudget, RetryPolicy};
-use super::{Classification, ClassifyRequest, ModelClient, ModelError, ModelSpec, Prediction};
+use super::{
+    Classification, ClassifyRequest, ModelClient, ModelError, ModelSpec, Prediction,
+    RepositoryEntry, VersionState,
+};
 use crate::Config;
 
 /// Room for a large top-k answer; the default of 4 MiB is plenty for one image but not for everything.
@@ -258,6 +261,25 @@ impl ModelClient for GrpcModelClient {
         classification_from_response(&spec, &response)
     }
 
+    async fn repository(&self) -> Result<Vec<RepositoryEntry>, ModelError> {
+        // Every repository and every state: loading and unloading versions are what a rollout is about.
+        let message = RepositoryIndexRequest::default();
+        let index = self
+            .call(message, None, |mut client, request| async move {
+                client.repository_index(request).await
+            })
+            .await?;
+        Ok(index
+            .models
+            .into_iter()
+            .map(|m| RepositoryEntry {
+                state: VersionState::parse(&m.state),
+                model: m.name,
+                version: m.version,
+            })
+            .collect())
+    }
+
     fn collectors(&self) -> Result<Vec<Box<dyn prometheus::core::Collector>>, prometheus::Error> {
         self.metrics.collectors(self.pool.clone())
     }
@@ -313,6 +335,7 @@ pub fn spec_from_metadata(
     Ok(ModelSpec {
         name: model.to_owned(),
         version: version.to_owned(),
+        versions: metadata.versions.clone(),
         input: input.name.clone(),
         height: u32::try_from(input.shape[1]).unwrap_or(0),
         width: u32::try_from(input.shape[2]).unwrap_or(0),
@@ -451,6 +474,7 @@ mod tests {
         ModelSpec {
             name: "m".into(),
             version: "1".into(),
+            versions: vec!["1".into()],
             input: "pixels".into(),
             height: 224,
             width: 224,

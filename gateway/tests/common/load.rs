@@ -19,6 +19,8 @@ pub struct Outcome {
     pub retry_after: bool,
     /// Time to the answer.
     pub latency: Duration,
+    /// The model version a 200 names.
+    pub version: Option<String>,
 }
 
 /// Every outcome of a run.
@@ -115,11 +117,21 @@ impl Load {
                                 let status = response.status().as_u16();
                                 let retry_after = response.headers().contains_key("retry-after");
                                 let detail = response.text().await.unwrap_or_default();
+                                let latency = t.elapsed();
+                                let version = (status == 200)
+                                    .then(|| {
+                                        serde_json::from_str::<serde_json::Value>(&detail).ok()
+                                    })
+                                    .flatten()
+                                    .and_then(|body| {
+                                        Some(body["model"]["version"].as_str()?.to_owned())
+                                    });
                                 Outcome {
                                     status: Some(status),
                                     detail: if status == 200 { String::new() } else { detail },
                                     retry_after,
-                                    latency: t.elapsed(),
+                                    latency,
+                                    version,
                                 }
                             }
                             Err(e) => Outcome {
@@ -127,6 +139,7 @@ impl Load {
                                 detail: format!("{e:?}"),
                                 retry_after: false,
                                 latency: t.elapsed(),
+                                version: None,
                             },
                         };
                         report.lock().await.outcomes.push(outcome);
@@ -150,6 +163,11 @@ impl Load {
             worker.await.unwrap();
         }
         std::mem::take(&mut *self.report.lock().await)
+    }
+
+    /// The outcomes so far, in the order they were answered.
+    pub async fn outcomes(&self) -> Vec<Outcome> {
+        self.report.lock().await.outcomes.clone()
     }
 
     /// Waits until `n` requests have been answered, or panics after `within`.

@@ -10,6 +10,7 @@ use axum::body::Body;
 use axum::http::{Request, Response};
 use gateway::model_client::{
     Classification, ClassifyRequest, ModelClient, ModelError, ModelSpec, Prediction,
+    RepositoryEntry, VersionState,
 };
 use gateway::{AppState, Config};
 use http_body_util::BodyExt;
@@ -65,6 +66,7 @@ impl ModelClient for FakeModel {
             "efficientnet-lite0" | "other-model" => Ok(ModelSpec {
                 name: model.into(),
                 version: version.into(),
+                versions: vec!["1".into()],
                 input: "pixels".into(),
                 height: 224,
                 width: 224,
@@ -106,6 +108,17 @@ impl ModelClient for FakeModel {
             version: "1".into(),
             predictions,
         })
+    }
+
+    async fn repository(&self) -> Result<Vec<RepositoryEntry>, ModelError> {
+        Ok(["efficientnet-lite0", "other-model"]
+            .into_iter()
+            .map(|model| RepositoryEntry {
+                model: model.into(),
+                version: "1".into(),
+                state: VersionState::Ready,
+            })
+            .collect())
     }
 }
 

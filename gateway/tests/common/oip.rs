@@ -1,16 +1,19 @@
 //! A fast fake model tier over real gRPC: answers ModelInfer after a fixed delay with a made-up class,
-//! counts what it served in ModelStatistics. Runs as a task in the test, or as a child process the test
-//! can SIGKILL (the test binary started again; see `replicas.rs`).
+//! counts what it served in ModelStatistics. It serves the model versions of its [`Repository`], which a
+//! test can change while it runs, and refuses pixels not sized for the version asked for. Runs as a task
+//! in the test, or as a child process the test can SIGKILL (the test binary started again; see
+//! `replicas.rs`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use oip_proto::inference::model_infer_response::InferOutputTensor;
 use oip_proto::inference::model_metadata_response::TensorMetadata;
+use oip_proto::inference::repository_index_response::ModelIndex;
 use oip_proto::inference::*;
 use oip_proto::{GrpcInferenceService, GrpcInferenceServiceClient, GrpcInferenceServiceServer};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -24,12 +27,107 @@ pub struct Counters {
     pub served: AtomicU64,
     /// ModelInfer calls being answered now.
     pub in_flight: AtomicUsize,
+    /// ModelMetadata calls answered or refused.
+    pub metadata_calls: AtomicU64,
+    /// The `model_version` of every ModelInfer, in order.
+    pub asked: Mutex<Vec<String>>,
+}
+
+impl Counters {
+    /// The `model_version` of every ModelInfer so far.
+    pub fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+/// One version of a model in the fake.
+#[derive(Debug, Clone, Copy)]
+pub struct FakeVersion {
+    /// Its number.
+    pub version: u64,
+    /// READY, LOADING, UNLOADING or UNAVAILABLE.
+    pub state: &'static str,
+    /// Height and width of its input.
+    pub size: i64,
+}
+
+/// The models and versions the fake has, by model name; a test changes them while the fake runs.
+pub struct Repository(Mutex<BTreeMap<String, Vec<FakeVersion>>>);
+
+impl Default for Repository {
+    /// `efficientnet-lite0` version 1, ready, 224x224.
+    fn default() -> Self {
+        let repository = Repository(Mutex::new(BTreeMap::new()));
+        repository.set("efficientnet-lite0", &[(1, "READY", 224)]);
+        repository
+    }
+}
+
+impl Repository {
+    /// Makes `model` have exactly `versions`, as (version, state, input size); none removes it.
+    pub fn set(&self, model: &str, versions: &[(u64, &'static str, i64)]) {
+        let mut models = self.0.lock().unwrap();
+        if versions.is_empty() {
+            models.remove(model);
+            return;
+        }
+        let versions = versions
+            .iter()
+            .map(|&(version, state, size)| FakeVersion {
+                version,
+                state,
+                size,
+            })
+            .collect();
+        models.insert(model.to_owned(), versions);
+    }
+
+    fn versions(&self, model: &str) -> Result<Vec<FakeVersion>, Status> {
+        let mut versions = self
+            .0
+            .lock()
+            .unwrap()
+            .get(model)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("unknown model `{model}`")))?;
+        versions.sort_by_key(|v| v.version);
+        Ok(versions)
+    }
+
+    /// The version ModelInfer runs: the one named, if ready, or the highest ready one.
+    fn resolve(&self, model: &str, version: &str) -> Result<FakeVersion, Status> {
+        let versions = self.versions(model)?;
+        let found = if version.is_empty() {
+            versions.iter().rev().find(|v| v.state == "READY")
+        } else {
+            versions.iter().find(|v| v.version.to_string() == version)
+        };
+        match found {
+            None => Err(no_version(model, version, &versions)),
+            Some(v) if v.state == "READY" => Ok(*v),
+            Some(v) => Err(Status::unavailable(format!(
+                "model `{model}` version `{}` is {}",
+                v.version,
+                v.state.to_lowercase()
+            ))),
+        }
+    }
+}
+
+/// The model server's answer for a version it does not have.
+fn no_version(model: &str, version: &str, versions: &[FakeVersion]) -> Status {
+    let available: Vec<String> = versions.iter().map(|v| v.version.to_string()).collect();
+    Status::not_found(format!(
+        "model `{model}` has no version `{version}` (available: {})",
+        available.join(", ")
+    ))
 }
 
 #[derive(Clone)]
 struct Fake {
     latency: Duration,
     counters: Arc<Counters>,
+    repository: Arc<Repository>,
 }
 
 fn tensor(name: &str, datatype: &str, shape: &[i64]) -> TensorMetadata {
@@ -78,11 +176,27 @@ impl GrpcInferenceService for Fake {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
+        self.counters.metadata_calls.fetch_add(1, Ordering::SeqCst);
+        let request = request.into_inner();
+        let versions = self.repository.versions(&request.name)?;
+        let ready: Vec<&FakeVersion> = versions.iter().filter(|v| v.state == "READY").collect();
+        let described = if request.version.is_empty() {
+            ready.last().copied()
+        } else {
+            versions
+                .iter()
+                .find(|v| v.version.to_string() == request.version)
+        }
+        .ok_or_else(|| no_version(&request.name, &request.version, &versions))?;
         Ok(Response::new(ModelMetadataResponse {
-            name: request.into_inner().name,
-            versions: vec!["1".into()],
+            name: request.name,
+            versions: ready.iter().map(|v| v.version.to_string()).collect(),
             platform: "fake".into(),
-            inputs: vec![tensor("pixels", "UINT8", &[-1, 224, 224, 3])],
+            inputs: vec![tensor(
+                "pixels",
+                "UINT8",
+                &[-1, described.size, described.size, 3],
+            )],
             outputs: vec![tensor("probabilities", "FP32", &[-1, 1000])],
         }))
     }
@@ -93,6 +207,29 @@ impl GrpcInferenceService for Fake {
         self.counters.in_flight.fetch_add(1, Ordering::SeqCst);
         let _guard = InFlight(self.counters.clone());
         let request = request.into_inner();
+        self.counters
+            .asked
+            .lock()
+            .unwrap()
+            .push(request.model_version.clone());
+        let version = self
+            .repository
+            .resolve(&request.model_name, &request.model_version)?;
+        let side = version.size;
+        let shape_fits = request
+            .inputs
+            .first()
+            .is_some_and(|input| input.shape == [1, side, side, 3]);
+        let bytes_fit = request
+            .raw_input_contents
+            .first()
+            .is_some_and(|raw| raw.len() as i64 == side * side * 3);
+        if !(shape_fits && bytes_fit) {
+            return Err(Status::invalid_argument(format!(
+                "version {} takes [1, {side}, {side}, 3] pixels",
+                version.version
+            )));
+        }
         tokio::time::sleep(self.latency).await;
         let class = b"0.9:967:espresso";
         let mut raw = (class.len() as u32).to_le_bytes().to_vec();
@@ -100,7 +237,7 @@ impl GrpcInferenceService for Fake {
         self.counters.served.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(ModelInferResponse {
             model_name: request.model_name,
-            model_version: "1".into(),
+            model_version: version.version.to_string(),
             id: request.id,
             parameters: HashMap::new(),
             outputs: vec![InferOutputTensor {
@@ -136,14 +273,32 @@ impl GrpcInferenceService for Fake {
         &self,
         _: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+        let models = self.repository.0.lock().unwrap().clone();
+        let models = models
+            .into_iter()
+            .flat_map(|(name, versions)| {
+                versions.into_iter().map(move |v| ModelIndex {
+                    name: name.clone(),
+                    version: v.version.to_string(),
+                    state: v.state.into(),
+                    // Stands for what a real server may say: nothing a client should see.
+                    reason: format!("{SECRET_REASON} {name}/{}", v.version),
+                })
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
     }
 }
+
+/// The start of every RepositoryIndex reason the fake gives, for tests checking it goes no further.
+pub const SECRET_REASON: &str = "server-internal-detail";
 
 /// A fake model server running as a task of the test.
 pub struct FakeServer {
     pub addr: SocketAddr,
     pub counters: Arc<Counters>,
+    /// What it serves; change it to roll versions out.
+    pub repository: Arc<Repository>,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -151,10 +306,12 @@ impl FakeServer {
     /// Serves on `addr` (port 0 for any) answering each inference after `latency`.
     pub async fn start(addr: &str, latency: Duration) -> FakeServer {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        let (addr, counters, stop) = serve(listener, latency);
+        let repository = Arc::new(Repository::default());
+        let (addr, counters, stop) = serve_repository(listener, latency, repository.clone());
         FakeServer {
             addr,
             counters,
+            repository,
             stop: Some(stop),
         }
     }
@@ -168,16 +325,27 @@ impl Drop for FakeServer {
     }
 }
 
-/// Serves the fake on `listener` until the returned sender fires or is dropped.
+/// Serves the fake with its default repository on `listener` until the returned sender fires or is
+/// dropped.
 pub fn serve(
     listener: tokio::net::TcpListener,
     latency: Duration,
+) -> (SocketAddr, Arc<Counters>, oneshot::Sender<()>) {
+    serve_repository(listener, latency, Arc::new(Repository::default()))
+}
+
+/// Serves the versions of `repository` on `listener` until the returned sender fires or is dropped.
+pub fn serve_repository(
+    listener: tokio::net::TcpListener,
+    latency: Duration,
+    repository: Arc<Repository>,
 ) -> (SocketAddr, Arc<Counters>, oneshot::Sender<()>) {
     let addr = listener.local_addr().unwrap();
     let counters = Arc::new(Counters::default());
     let fake = Fake {
         latency,
         counters: counters.clone(),
+        repository,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(

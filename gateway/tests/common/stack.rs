@@ -48,13 +48,22 @@ pub struct ModelServer {
 impl ModelServer {
     /// Starts on `addr` (`127.0.0.1:0` for any free port).
     pub async fn start(addr: SocketAddr) -> ModelServer {
-        let repository = model_repository();
-        let config = <model_server::Config as clap::Parser>::try_parse_from([
+        ModelServer::start_with(addr, &model_repository(), &[]).await
+    }
+
+    /// Starts on `addr` serving `repository`, with more command-line flags.
+    pub async fn start_with(
+        addr: SocketAddr,
+        repository: &std::path::Path,
+        extra: &[&str],
+    ) -> ModelServer {
+        let mut args = vec![
             "model-server".as_ref(),
             "--model-repository".as_ref(),
             repository.as_os_str(),
-        ])
-        .unwrap();
+        ];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        let config = <model_server::Config as clap::Parser>::try_parse_from(args).unwrap();
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -95,9 +104,14 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway in front of `model_server`, allowed to fetch from loopback.
     pub async fn start(model_server: SocketAddr) -> Gateway {
+        Gateway::start_with(model_server, &[]).await
+    }
+
+    /// Starts a gateway in front of `model_server` with more command-line flags.
+    pub async fn start_with(model_server: SocketAddr, extra: &[&str]) -> Gateway {
         let model_url = format!("http://{model_server}");
         // Generous deadlines: the model server of a debug test build is far slower than a release one.
-        let flags = [
+        let mut flags = vec![
             "--model-server",
             &model_url,
             "--fetch-allow",
@@ -105,6 +119,7 @@ impl Gateway {
             "--inference-timeout-ms",
             "120000",
         ];
+        flags.extend_from_slice(extra);
         let config = super::config(&flags);
         let client =
             GrpcModelClient::connect_lazy(&config.model_server, config.inference_timeout())

@@ -1,6 +1,8 @@
 //! Shared helpers for the model-server integration tests.
 #![allow(dead_code)]
 
+pub mod lifecycle;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -22,6 +24,20 @@ pub fn workspace() -> PathBuf {
 /// Golden test data copied from the independent numpy reference.
 pub fn golden(file: &str) -> PathBuf {
     workspace().join("testdata/golden").join(file)
+}
+
+/// Python with tritonclient[grpc] and numpy: `OIP_PYTHON`, else the
+/// project's virtual environment that scripts/test.sh creates.
+pub fn python() -> PathBuf {
+    let python = std::env::var_os("OIP_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(".venv/bin/python"));
+    assert!(
+        python.is_file(),
+        "{} not found: run scripts/test.sh (it creates .venv with tritonclient[grpc] and numpy) or set OIP_PYTHON",
+        python.display()
+    );
+    python
 }
 
 /// The model repository the tests run against (MODEL_REPOSITORY overrides).
