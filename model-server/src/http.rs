@@ -20,7 +20,6 @@ use serde_json::{Value, json};
 use crate::error::{InferError, invalid};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::registry::Phase;
 use crate::service;
 
 /// What the HTTP handlers read.
@@ -80,19 +79,11 @@ struct IndexRequest {
 /// `POST /v2/repository/index`: every model version and its state, as Triton's REST answer.
 async fn index(State(state): State<HttpState>, body: Bytes) -> Result<Json<Value>, HttpError> {
     let request: IndexRequest = optional_json(&body)?;
-    let entries: Vec<Value> = state
-        .lifecycle
-        .index()
+    let entries: Vec<Value> = service::repository_index(&state.lifecycle, request.ready)
         .into_iter()
-        .filter(|e| !request.ready || e.phase == Phase::Ready)
-        .map(|e| {
-            json!({
-                "name": e.model,
-                "version": e.version.map(|v| v.to_string()).unwrap_or_default(),
-                "state": e.phase.as_str(),
-                "reason": e.reason,
-            })
-        })
+        .map(
+            |m| json!({"name": m.name, "version": m.version, "state": m.state, "reason": m.reason}),
+        )
         .collect();
     Ok(Json(Value::Array(entries)))
 }

@@ -118,10 +118,8 @@ impl Lifecycle {
     /// `explicit`. A model that fails is reported and the others still load.
     pub async fn start(&self, load_models: &[String]) -> Result<(), repository::RepositoryError> {
         let on_disk = repository::model_names(&self.root)?;
+        // An empty repository in `none` mode was refused before the server started.
         let names: Vec<String> = match self.mode {
-            ControlMode::None if on_disk.is_empty() => {
-                return Err(repository::RepositoryError::Empty(self.root.clone()));
-            }
             ControlMode::None | ControlMode::Poll => on_disk,
             ControlMode::Explicit if load_models.iter().any(|m| m == "*") => on_disk,
             ControlMode::Explicit => load_models.to_vec(),

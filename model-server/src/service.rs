@@ -302,14 +302,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
-        let ready_only = req.into_inner().ready;
-        let models = self
-            .lifecycle
-            .index()
-            .into_iter()
-            .filter(|e| !ready_only || e.phase == crate::registry::Phase::Ready)
-            .map(index_entry)
-            .collect();
+        let models = repository_index(&self.lifecycle, req.into_inner().ready);
         Ok(Response::new(RepositoryIndexResponse { models }))
     }
 
@@ -335,6 +328,16 @@ impl GrpcInferenceService for InferenceService {
         tracing::Instrument::instrument(self.lifecycle.unload_model(&r.model_name), span).await?;
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
+}
+
+/// The RepositoryIndex lines, only the `READY` ones when `ready_only`; the HTTP path answers the same.
+pub fn repository_index(lifecycle: &Lifecycle, ready_only: bool) -> Vec<ModelIndex> {
+    lifecycle
+        .index()
+        .into_iter()
+        .filter(|e| !ready_only || e.phase == crate::registry::Phase::Ready)
+        .map(index_entry)
+        .collect()
 }
 
 /// One RepositoryIndex line.

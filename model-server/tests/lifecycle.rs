@@ -662,3 +662,44 @@ async fn reloading_one_model_never_fails_a_request_of_another() {
     assert_no_failures(&tally);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_repository_is_refused_only_when_nothing_could_ever_load() {
+    let repo = Repo::new("empty");
+    let start = |mode: &str| {
+        let args = [
+            "model-server",
+            "--model-repository",
+            repo.0.to_str().expect("utf-8 path"),
+            "--model-control-mode",
+            mode,
+        ];
+        let config = <model_server::Config as clap::Parser>::try_parse_from(args).expect("config");
+        async move {
+            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            // A server that starts runs until the short shutdown below; one that is refused returns at once.
+            model_server::serve_with(
+                config,
+                grpc,
+                http,
+                tokio::time::sleep(Duration::from_millis(200)),
+            )
+            .await
+        }
+    };
+    let refused = start("none")
+        .await
+        .expect_err("nothing to serve, and nothing can change that");
+    assert!(
+        format!("{refused:#}").contains("holds no model versions"),
+        "{refused:#}"
+    );
+    // Poll and explicit mode can load what is published later.
+    start("poll").await.expect("poll mode starts empty");
+    start("explicit").await.expect("explicit mode starts empty");
+}
