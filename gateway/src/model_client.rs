@@ -252,14 +252,15 @@ impl ModelCatalog {
         Ok(self.client.classify(build(fresh).await?).await?)
     }
 
-    /// Drops the entry of `model` at `version` if it still holds `stale`: an entry another request has
-    /// refreshed meanwhile is kept.
+    /// Drops the entry of `model` at `version` if it names the same version as `stale`: an entry another
+    /// request fetched before that version went names it too and is as stale; one that already names
+    /// another version is kept.
     fn forget(&self, model: &str, version: &str, stale: &Arc<ModelSpec>) {
         let key = (model.to_owned(), version.to_owned());
         let mut entries = self.lock();
         if entries
             .get(&key)
-            .is_some_and(|(_, cached)| Arc::ptr_eq(cached, stale))
+            .is_some_and(|(_, cached)| cached.version == stale.version)
         {
             entries.remove(&key);
         }
@@ -498,6 +499,21 @@ mod tests {
         // The fresh spec replaced the stale one in the cache.
         assert_eq!(classify(&catalog, "").await.unwrap().version, "2");
         assert_eq!(tier.metadata_calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_entry_refetched_before_the_version_went_is_dropped_with_it() {
+        let tier = Tier::serving(&[1]);
+        let catalog = ModelCatalog::new(tier.clone(), Duration::from_secs(60));
+        let held = catalog.spec("m", "").await.unwrap();
+        // Another request refreshes the entry while version 1 still serves: a new spec naming version 1.
+        catalog.forget("m", "", &held);
+        let refreshed = catalog.spec("m", "").await.unwrap();
+        assert!(!Arc::ptr_eq(&held, &refreshed));
+        tier.serve(&[2]);
+        let answer = catalog.classify("m", "", held, sized).await.unwrap();
+        assert_eq!(answer.version, "2");
+        assert_eq!(tier.asked(), ["1", "2"]);
     }
 
     #[tokio::test]
