@@ -456,7 +456,12 @@ async fn health_is_serving_only_when_every_model_loaded() {
             .await
             .expect("index")
             .into_inner();
-        state = index.models[0].state.clone();
+        // The index is empty until the start-up load has taken the model up.
+        let Some(model) = index.models.first() else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        state = model.state.clone();
         if state == "UNAVAILABLE" {
             assert!(
                 index.models[0].reason.contains("model.safetensors"),
