@@ -62,12 +62,14 @@ done
 export LIBRARY_PATH="$stubs:$LIBRARY_PATH"
 export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-Xcicc -O0 -Xptxas -O0"
 
-# The model server's library, binaries and tests with `--features cuda`, through the same command as the test
-# build (scripts/test.sh): features then unify as they did there, so only what depends on candle is compiled again,
+# The libraries, binaries and the CUDA test with `--features cuda`, through the same command as the test build
+# (scripts/test.sh): features then unify as they did there, so only what depends on candle is compiled again,
 # where `cargo build -p model-server --features cuda` would compile most dependencies a second time (about 18
-# minutes on 2 cores, against about 7). It compiles the same crates and links the same binaries.
-say "cargo test --workspace --no-run --features model-server/cuda"
-cargo test --workspace --locked --no-run --features model-server/cuda
+# minutes on 2 cores, against about 7). Every crate is compiled with CUDA; of the test binaries only those that
+# prove something here are linked (each one carries the whole of candle, and all of them twice over would take
+# gigabytes of disk for nothing the CPU build's have not shown).
+say "cargo test --workspace --no-run --features model-server/cuda --lib --bins --test cuda"
+cargo test --workspace --locked --no-run --features model-server/cuda --lib --bins --test cuda
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 needed="$(readelf -d "$target_dir/debug/model-server" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')"
 for lib in libcuda.so.1 libnvrtc.so.13 libcublas.so.13 libcudart.so.13; do

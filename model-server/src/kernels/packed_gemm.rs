@@ -171,6 +171,7 @@ pub fn gemm(
         Driver {
             kernel,
             mr,
+            pair: pair_kernel(isa),
             b: &b.data,
             b_rows: b.k,
         },
@@ -191,6 +192,9 @@ struct Driver<'a> {
     kernel: Kernel,
     /// Rows of C one call computes.
     mr: usize,
+    /// A microkernel over two adjacent panels at once and its rows, where the
+    /// instruction set has one: each broadcast of A then feeds two multiplies.
+    pair: Option<(Kernel, usize)>,
     /// The panels, each `b_rows x NR` 32-bit values.
     b: &'a [f32],
     b_rows: usize,
@@ -243,14 +247,18 @@ fn drive(
             r.len()
         );
     }
-    static ZEROS: [f32; NR] = [0.0; NR];
-    let (mr, kernel) = (d.mr, d.kernel);
-    for p in panels.clone() {
+    static ZEROS: [f32; 2 * NR] = [0.0; 2 * NR];
+    let mut p = panels.start;
+    while p < panels.end {
+        let (kernel, mr, width) = match d.pair {
+            Some((kernel, mr)) if p + 1 < panels.end => (kernel, mr, 2),
+            _ => (d.kernel, d.mr, 1),
+        };
         let col = (p - panels.start) * NR;
-        let ncols = (b.n - p * NR).min(NR);
+        let ncols = (b.n - p * NR).min(width * NR);
         // SAFETY (for the pointer arithmetic below): the asserts above bound
         // every row and column the kernel touches: rows i..i+rows < m, columns
-        // col..col+ncols <= cols, B's panel p rows k, the padded bias.
+        // col..col+ncols <= cols, B's panels p..p+width rows k, the padded bias.
         let panel = unsafe { d.b.as_ptr().add(p * d.b_rows * NR + k.start * NR) };
         let bias = if epilogue.bias {
             unsafe { b.bias.as_ptr().add(p * NR) }
@@ -265,6 +273,7 @@ fn drive(
                 a: unsafe { a.as_ptr().add(i * lda) },
                 lda,
                 b: panel,
+                panel_stride: d.b_rows * NR,
                 bias,
                 c: unsafe { c.as_mut_ptr().add(i * ldc + col) },
                 ldc,
@@ -282,6 +291,7 @@ fn drive(
             unsafe { kernel(&tile, rows) };
             i += rows;
         }
+        p += width;
     }
 }
 
@@ -339,6 +349,7 @@ pub fn gemm_bf16(
         Driver {
             kernel: bf16_kernel(),
             mr: BF16_MR,
+            pair: None,
             b: b32,
             b_rows: b.k.div_ceil(2),
         },
@@ -391,13 +402,17 @@ fn bf16_kernel() -> Kernel {
     }
 }
 
-/// One microkernel call: `rows x ncols` of C from `rows x k` of A and a `k x NR` panel.
+/// One microkernel call: `rows x ncols` of C from `rows x k` of A and a `k x NR`
+/// panel (two adjacent ones for a pair kernel).
+#[derive(Clone, Copy)]
 struct Tile {
     k: usize,
     a: *const f32,
     lda: usize,
     b: *const f32,
-    /// NR values, always readable.
+    /// Values from one panel's start to the next one's.
+    panel_stride: usize,
+    /// NR values a panel, always readable.
     bias: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -405,17 +420,29 @@ struct Tile {
     residual: *const f32,
     ldr: usize,
     relu6: bool,
-    /// Valid columns of this panel, 1..=NR.
+    /// Valid columns of this panel, 1..=NR; of the two, NR+1..=2*NR.
     ncols: usize,
 }
 
 type Kernel = unsafe fn(&Tile, usize);
+
+/// The two-panel microkernel of `isa` and its rows, if it has one.
+fn pair_kernel(isa: Isa) -> Option<(Kernel, usize)> {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Some((x86::avx512_pair, AVX512_PAIR_MR)),
+        _ => None,
+    }
+}
 
 const PORTABLE_MR: usize = 4;
 #[cfg(target_arch = "x86_64")]
 const AVX2_MR: usize = 6;
 #[cfg(target_arch = "x86_64")]
 const AVX512_MR: usize = 12;
+/// 24 accumulators, two panel rows and a broadcast: 27 of the 32 registers.
+#[cfg(target_arch = "x86_64")]
+const AVX512_PAIR_MR: usize = 12;
 
 /// Calls `$kernel::<R>` for the runtime row count `$rows` in `1..=$max`.
 macro_rules! dispatch_rows {
@@ -528,18 +555,23 @@ mod x86 {
         }
     }
 
-    /// # Safety
-    /// AVX-512F must be present; `t` valid for `rows` (at most 12) rows.
-    pub(super) unsafe fn avx512(t: &Tile, rows: usize) {
-        unsafe {
-            dispatch_rows!(
-                avx512_rows,
-                t,
-                rows,
-                [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
-            )
-        }
+    /// Defines `$name(t, rows)`, which runs `$kernel::<rows>` for 1 to 12 rows.
+    macro_rules! up_to_twelve_rows {
+        ($(#[$doc:meta])* $name:ident => $kernel:ident) => {
+            $(#[$doc])*
+            pub(super) unsafe fn $name(t: &Tile, rows: usize) {
+                unsafe {
+                    dispatch_rows!($kernel, t, rows, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+                }
+            }
+        };
     }
+
+    up_to_twelve_rows!(
+        /// # Safety
+        /// AVX-512F must be present; `t` valid for `rows` (at most 12) rows.
+        avx512 => avx512_rows
+    );
 
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn avx512_rows<const R: usize>(t: &Tile) {
@@ -558,19 +590,56 @@ mod x86 {
         }
     }
 
-    /// # Safety
-    /// AVX-512F and AVX512-BF16 must be present; `t` valid for `rows` (at
-    /// most 12) rows, with `a` and `b` holding bf16 pairs and `k` counting them.
-    pub(super) unsafe fn avx512_bf16(t: &Tile, rows: usize) {
+    up_to_twelve_rows!(
+        /// # Safety
+        /// AVX-512F must be present; `t` valid for `rows` (at most 12) rows
+        /// and two panels.
+        avx512_pair => avx512_pair_rows
+    );
+
+    /// One load of each A value for 32 columns, where [`avx512_rows`] loads
+    /// it for 16: on CPUs with two 512-bit FMA units the single-panel kernel
+    /// runs out of load slots before it runs out of multipliers.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn avx512_pair_rows<const R: usize>(t: &Tile) {
         unsafe {
-            dispatch_rows!(
-                avx512_bf16_rows,
-                t,
-                rows,
-                [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
-            )
+            let mut lo = [_mm512_setzero_ps(); R];
+            let mut hi = [_mm512_setzero_ps(); R];
+            let rows: [*const f32; R] = std::array::from_fn(|i| t.a.add(i * t.lda));
+            let mut b = t.b;
+            let next = t.panel_stride;
+            for kk in 0..t.k {
+                let b0 = _mm512_loadu_ps(b);
+                let b1 = _mm512_loadu_ps(b.add(next));
+                for i in 0..R {
+                    let a = _mm512_set1_ps(*rows[i].add(kk));
+                    lo[i] = _mm512_fmadd_ps(a, b0, lo[i]);
+                    hi[i] = _mm512_fmadd_ps(a, b1, hi[i]);
+                }
+                b = b.add(NR);
+            }
+            finish(&Tile { ncols: NR, ..*t }, &lo);
+            let second = Tile {
+                bias: t.bias.add(NR),
+                c: t.c.add(NR),
+                residual: if t.residual.is_null() {
+                    t.residual
+                } else {
+                    t.residual.add(NR)
+                },
+                ncols: t.ncols - NR,
+                ..*t
+            };
+            finish(&second, &hi);
         }
     }
+
+    up_to_twelve_rows!(
+        /// # Safety
+        /// AVX-512F and AVX512-BF16 must be present; `t` valid for `rows` (at
+        /// most 12) rows, with `a` and `b` holding bf16 pairs and `k` counting them.
+        avx512_bf16 => avx512_bf16_rows
+    );
 
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn avx512_bf16_rows<const R: usize>(t: &Tile) {
@@ -662,6 +731,8 @@ mod tests {
             (13, 37, 40),
             (30, 96, 16),
             (5, 64, 1000),
+            (25, 48, 128),
+            (12, 20, 100),
         ] {
             let (lda, ldc) = (k + 3, n + 5);
             let a = random(m * lda, 7);
