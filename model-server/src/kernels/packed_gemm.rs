@@ -349,7 +349,7 @@ pub fn gemm_bf16(
         Driver {
             kernel: bf16_kernel(),
             mr: BF16_MR,
-            pair: None,
+            pair: bf16_pair_kernel(),
             b: b32,
             b_rows: b.k.div_ceil(2),
         },
@@ -390,6 +390,17 @@ fn to_bf16_pairs(src: &[f32], dst: &mut [u32]) {
 const BF16_MR: usize = 12;
 #[cfg(not(target_arch = "x86_64"))]
 const BF16_MR: usize = 1;
+
+fn bf16_pair_kernel() -> Option<(Kernel, usize)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Some((x86::avx512_bf16_pair, BF16_MR))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
 
 fn bf16_kernel() -> Kernel {
     #[cfg(target_arch = "x86_64")]
@@ -602,6 +613,55 @@ mod x86 {
     /// runs out of load slots before it runs out of multipliers.
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn avx512_pair_rows<const R: usize>(t: &Tile) {
+        unsafe { pair_rows::<F32, R>(t) }
+    }
+
+    up_to_twelve_rows!(
+        /// # Safety
+        /// AVX-512F and AVX512-BF16 must be present; `t` valid for `rows` (at
+        /// most 12) rows and two panels, holding bf16 pairs as for [`avx512_bf16`].
+        avx512_bf16_pair => avx512_bf16_pair_rows
+    );
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn avx512_bf16_pair_rows<const R: usize>(t: &Tile) {
+        unsafe { pair_rows::<Bf16, R>(t) }
+    }
+
+    /// One multiply-add of a pair kernel: a broadcast A unit against a panel row.
+    trait Product {
+        /// # Safety
+        /// Inlined only into a function compiled for the product's instructions.
+        unsafe fn fma(acc: __m512, a: __m512, b: __m512) -> __m512;
+    }
+
+    /// f32 operands.
+    struct F32;
+
+    /// bf16 pairs in each 32-bit unit, summed into f32.
+    struct Bf16;
+
+    impl Product for F32 {
+        #[inline(always)]
+        unsafe fn fma(acc: __m512, a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_fmadd_ps(a, b, acc) }
+        }
+    }
+
+    impl Product for Bf16 {
+        #[inline(always)]
+        unsafe fn fma(acc: __m512, a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_dpbf16_ps(acc, std::mem::transmute(a), std::mem::transmute(b)) }
+        }
+    }
+
+    /// The body of the pair kernels: A's 32-bit units broadcast, two panels.
+    ///
+    /// # Safety
+    /// Inlined only into a function compiled for `P`'s instructions; `t`
+    /// valid for `R` rows and two panels.
+    #[inline(always)]
+    unsafe fn pair_rows<P: Product, const R: usize>(t: &Tile) {
         unsafe {
             let mut lo = [_mm512_setzero_ps(); R];
             let mut hi = [_mm512_setzero_ps(); R];
@@ -612,9 +672,10 @@ mod x86 {
                 let b0 = _mm512_loadu_ps(b);
                 let b1 = _mm512_loadu_ps(b.add(next));
                 for i in 0..R {
+                    // The unit's bits whatever they hold: an f32 or a bf16 pair.
                     let a = _mm512_set1_ps(*rows[i].add(kk));
-                    lo[i] = _mm512_fmadd_ps(a, b0, lo[i]);
-                    hi[i] = _mm512_fmadd_ps(a, b1, hi[i]);
+                    lo[i] = P::fma(lo[i], a, b0);
+                    hi[i] = P::fma(hi[i], a, b1);
                 }
                 b = b.add(NR);
             }
@@ -818,6 +879,8 @@ mod tests {
             (13, 37, 40),
             (30, 96, 16),
             (5, 64, 1000),
+            (25, 48, 128),
+            (12, 20, 100),
         ] {
             let (lda, ldc) = (k + 3, n + 5);
             let a = random(m * lda, 7);
