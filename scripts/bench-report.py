@@ -143,6 +143,25 @@ def against_python(add):
             f"{fmt(latency(theirs, 'p99'))} ms.")
         add("")
 
+    layouts = [(c, load(f"stack-test-c{c}.json"), load(f"instances-test-c{c}.json"), load(f"baseline-test-c{c}.json"))
+               for c in (1, 10)]
+    if any(alt for _, _, alt, _ in layouts):
+        add("`/test` again with the model server's other layout: one single-threaded instance per inference thread "
+            "(`--instances`) and no batching (`--max-batch-size 1`), beside the default layout above (one instance "
+            "with every thread, batches of up to 8) and the Python app:")
+        add("")
+        add("| concurrency | layout | req/s | ÷ Python req/s | p50 ms | ÷ Python p50 | p99 ms | ÷ Python p99 | errors |")
+        add("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for c, default, alt, theirs in layouts:
+            for label, run in (("one instance, batches", default), ("an instance a thread, no batches", alt)):
+                rps = run["throughput_rps"] if run else None
+                theirs_rps = theirs["throughput_rps"] if theirs else None
+                cells = [fmt(rps), times(rps, theirs_rps)]
+                for p in ("p50", "p99"):
+                    cells += [fmt(latency(run, p)), times(latency(run, p), latency(theirs, p))]
+                add(f"| {c} | {label} | {' | '.join(cells)} | {errors(run)} |")
+        add("")
+
     cold = load("cold-start.json")
     stack_rss = [load("rss-gateway.json"), load("rss-model-server-stack.json")]
     ours_rss = sum(r["peak_rss_kib"] for r in stack_rss) / 1024 if all(stack_rss) else None

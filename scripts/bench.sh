@@ -5,6 +5,7 @@
 #   2. the model server alone over gRPC under loadtest, concurrency 1, 4 and 16, batching off and on;
 #   3. gateway + model server under loadtest at concurrency 1 and 10, on /test and on predict-by-URL (a 500x375
 #      JPEG served from loopback), with the gateway's own share of the latency;
+#      then /test again with one single-threaded instance per thread and no batching (--instances);
 #   4. peak RSS of each server, and the model server's cold start to ready;
 #   5. wrk against /test at concurrency 10, to check (3) with a load generator we did not write;
 #   6. the Python app of bench/baseline (Flask + gunicorn + onnxruntime on the ONNX export of the same weights), after
@@ -201,6 +202,18 @@ wait_http() {
     die "$what was not ready within $seconds s; see $log"
 }
 
+# The gateway in front of the model server last started, on a free port: sets gw_pid and gateway (its URL).
+start_gateway() {
+    local port
+    port="$(free_port)"
+    "$bin_dir/gateway" --listen "127.0.0.1:$port" --model-server "$ms_grpc" --fetch-allow 127.0.0.0/8 \
+        >>"$work/gateway.log" 2>&1 &
+    gw_pid=$!
+    pids+=("$gw_pid")
+    gateway="http://127.0.0.1:$port"
+    wait_http "$gateway/readyz" "$gw_pid" "the gateway" "$work/gateway.log" 30
+}
+
 # The HTTP runs of (3) and (5) against the server at URL (ours, then the Python app's, the same for both): loadtest
 # on /test and predict-by-URL at concurrency 1 and 10, then wrk on /test at concurrency 10; results named NAME-*.
 http_runs() {
@@ -244,16 +257,21 @@ from PIL import Image
 Image.open(sys.argv[1]).convert("RGB").resize((500, 375), Image.LANCZOS).save(sys.argv[2], quality=90)
 EOF
 start_model_server --max-batch-size 8 --max-queue-delay 0
-gw_port="$(free_port)"
-"$bin_dir/gateway" --listen "127.0.0.1:$gw_port" --model-server "$ms_grpc" --fetch-allow 127.0.0.0/8 \
-    >>"$work/gateway.log" 2>&1 &
-gw_pid=$!
-pids+=("$gw_pid")
-gateway="http://127.0.0.1:$gw_port"
-wait_http "$gateway/readyz" "$gw_pid" "the gateway" "$work/gateway.log" 30
+start_gateway
 http_runs "$gateway" stack stack
 printf '{"peak_rss_kib": %s}\n' "$(peak_rss_kib "$gw_pid")" >"$work/results/rss-gateway.json"
 printf '{"peak_rss_kib": %s}\n' "$(peak_rss_kib "$ms_pid")" >"$work/results/rss-model-server-stack.json"
+stop "$gw_pid"
+stop "$ms_pid"
+
+# The same stack with the other layout the README weighs: one single-threaded instance per inference thread and no
+# batching, as the Python app runs one single-threaded worker per core. /test only, at concurrency 1 and 10.
+start_model_server --instances "$threads" --max-batch-size 1
+start_gateway
+for c in 1 10; do
+    say "stack, $threads instances of 1 thread: /test, concurrency $c"
+    loadtest test --gateway "$gateway" --concurrency "$c" >"$work/results/instances-test-c$c.json"
+done
 stop "$gw_pid"
 stop "$ms_pid"
 
