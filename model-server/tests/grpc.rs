@@ -464,9 +464,9 @@ async fn health_is_serving_only_when_every_model_loaded() {
         state = model.state.clone();
         if state == "UNAVAILABLE" {
             assert!(
-                index.models[0].reason.contains("model.safetensors"),
+                model.reason.contains("model.safetensors"),
                 "reason: {}",
-                index.models[0].reason
+                model.reason
             );
             break;
         }

@@ -586,19 +586,7 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn avx512_rows<const R: usize>(t: &Tile) {
-        unsafe {
-            let mut acc = [_mm512_setzero_ps(); R];
-            let rows: [*const f32; R] = std::array::from_fn(|i| t.a.add(i * t.lda));
-            let mut b = t.b;
-            for kk in 0..t.k {
-                let b0 = _mm512_loadu_ps(b);
-                for i in 0..R {
-                    acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(*rows[i].add(kk)), b0, acc[i]);
-                }
-                b = b.add(NR);
-            }
-            finish(t, &acc);
-        }
+        unsafe { panel_rows::<F32, R>(t) }
     }
 
     up_to_twelve_rows!(
@@ -628,7 +616,7 @@ mod x86 {
         unsafe { pair_rows::<Bf16, R>(t) }
     }
 
-    /// One multiply-add of a pair kernel: a broadcast A unit against a panel row.
+    /// One multiply-add of a kernel: a broadcast A unit against a panel row.
     trait Product {
         /// # Safety
         /// Inlined only into a function compiled for the product's instructions.
@@ -652,6 +640,29 @@ mod x86 {
         #[inline(always)]
         unsafe fn fma(acc: __m512, a: __m512, b: __m512) -> __m512 {
             unsafe { _mm512_dpbf16_ps(acc, std::mem::transmute(a), std::mem::transmute(b)) }
+        }
+    }
+
+    /// The body of the one-panel kernels: A's 32-bit units broadcast, one panel.
+    ///
+    /// # Safety
+    /// Inlined only into a function compiled for `P`'s instructions; `t`
+    /// valid for `R` rows.
+    #[inline(always)]
+    unsafe fn panel_rows<P: Product, const R: usize>(t: &Tile) {
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); R];
+            let rows: [*const f32; R] = std::array::from_fn(|i| t.a.add(i * t.lda));
+            let mut b = t.b;
+            for kk in 0..t.k {
+                let b0 = _mm512_loadu_ps(b);
+                for i in 0..R {
+                    // The unit's bits whatever they hold: an f32 or a bf16 pair.
+                    acc[i] = P::fma(acc[i], _mm512_set1_ps(*rows[i].add(kk)), b0);
+                }
+                b = b.add(NR);
+            }
+            finish(t, &acc);
         }
     }
 
@@ -704,20 +715,7 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn avx512_bf16_rows<const R: usize>(t: &Tile) {
-        unsafe {
-            let mut acc = [_mm512_setzero_ps(); R];
-            let rows: [*const i32; R] = std::array::from_fn(|i| t.a.add(i * t.lda).cast::<i32>());
-            let mut b = t.b;
-            for kk in 0..t.k {
-                let b0: __m512bh = std::mem::transmute(_mm512_loadu_ps(b));
-                for i in 0..R {
-                    let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*rows[i].add(kk)));
-                    acc[i] = _mm512_dpbf16_ps(acc[i], a, b0);
-                }
-                b = b.add(NR);
-            }
-            finish(t, &acc);
-        }
+        unsafe { panel_rows::<Bf16, R>(t) }
     }
 
     /// Converts whole blocks of 16 values of `src` into `dst` (as pairs) and
