@@ -143,17 +143,17 @@ def against_python(add):
             f"{fmt(latency(theirs, 'p99'))} ms.")
         add("")
 
-    layouts = [(c, load(f"stack-test-c{c}.json"), load(f"instances-test-c{c}.json"), load(f"baseline-test-c{c}.json"))
+    layouts = [(c, load(f"stack-test-c{c}.json"), load(f"one-instance-test-c{c}.json"), load(f"baseline-test-c{c}.json"))
                for c in (1, 10)]
     if any(alt for _, _, alt, _ in layouts):
-        add("`/test` again with the model server's other layout: one single-threaded instance per inference thread "
-            "(`--instances`) and no batching (`--max-batch-size 1`), beside the default layout above (one instance "
-            "with every thread, batches of up to 8) and the Python app:")
+        add("`/test` again with the model server's other layout: one instance of every inference thread with batches "
+            "of up to 8 (`--instances 1`), beside the default layout above (an instance per inference thread, a lone "
+            "request borrowing the idle instances' threads) and the Python app:")
         add("")
         add("| concurrency | layout | req/s | ÷ Python req/s | p50 ms | ÷ Python p50 | p99 ms | ÷ Python p99 | errors |")
         add("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for c, default, alt, theirs in layouts:
-            for label, run in (("one instance, batches", default), ("an instance a thread, no batches", alt)):
+            for label, run in (("an instance a thread (default)", default), ("one instance, batches of 8", alt)):
                 rps = run["throughput_rps"] if run else None
                 theirs_rps = theirs["throughput_rps"] if theirs else None
                 cells = [fmt(rps), times(rps, theirs_rps)]
@@ -252,9 +252,9 @@ def main():
     # 2. model server alone
     add("## 2. The model server alone, over gRPC")
     add("")
-    add("`loadtest grpc`: closed loop, one 224x224 UINT8 image per ModelInfer request. Batching off: "
-        "`--max-batch-size 1`. On: `--max-batch-size 8 --max-queue-delay 0` (requests that wait while the model is "
-        "busy run together).")
+    add("`loadtest grpc`: closed loop, one 224x224 UINT8 image per ModelInfer request, on one instance of every "
+        "thread (`--instances 1`). Batching off: `--max-batch-size 1`. On: `--max-batch-size 8 --max-queue-delay 0` "
+        "(requests that wait while the model is busy run together).")
     add("")
     add("| concurrency | batching | requests | throughput req/s | p50 ms | p90 ms | p99 ms | errors |")
     add("| --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -5,7 +5,7 @@
 #   2. the model server alone over gRPC under loadtest, concurrency 1, 4 and 16, batching off and on;
 #   3. gateway + model server under loadtest at concurrency 1 and 10, on /test and on predict-by-URL (a 500x375
 #      JPEG served from loopback), with the gateway's own share of the latency;
-#      then /test again with one single-threaded instance per thread and no batching (--instances);
+#      then /test again with the other layout: one instance of every thread, batches of up to 8 (--instances 1);
 #   4. peak RSS of each server, and the model server's cold start to ready;
 #   5. wrk against /test at concurrency 10, to check (3) with a load generator we did not write;
 #   6. the Python app of bench/baseline (Flask + gunicorn + onnxruntime on the ONNX export of the same weights), after
@@ -230,12 +230,12 @@ http_runs() {
 }
 
 # ---- 2. the model server alone --------------------------------------------------------------------------------
-# Off: one image per execution. On: up to 8, whatever is waiting when the model gets free (no extra delay: with
-# every core busy, waiting for a fuller batch only adds latency).
+# Batching itself, on one instance of every thread: off, one image per execution; on, up to 8, whatever is waiting
+# when the model gets free (no extra delay: with every core busy, waiting for a fuller batch only adds latency).
 for mode in off on; do
     case "$mode" in
-        off) flags=(--max-batch-size 1) ;;
-        on) flags=(--max-batch-size 8 --max-queue-delay 0) ;;
+        off) flags=(--instances 1 --max-batch-size 1) ;;
+        on) flags=(--instances 1 --max-batch-size 8 --max-queue-delay 0) ;;
     esac
     say "model server, batching $mode"
     start_model_server "${flags[@]}"
@@ -256,7 +256,8 @@ import sys
 from PIL import Image
 Image.open(sys.argv[1]).convert("RGB").resize((500, 375), Image.LANCZOS).save(sys.argv[2], quality=90)
 EOF
-start_model_server --max-batch-size 8 --max-queue-delay 0
+# The default layout: an instance per inference thread, a lone request borrowing the idle instances' threads.
+start_model_server
 start_gateway
 http_runs "$gateway" stack stack
 printf '{"peak_rss_kib": %s}\n' "$(peak_rss_kib "$gw_pid")" >"$work/results/rss-gateway.json"
@@ -264,13 +265,13 @@ printf '{"peak_rss_kib": %s}\n' "$(peak_rss_kib "$ms_pid")" >"$work/results/rss-
 stop "$gw_pid"
 stop "$ms_pid"
 
-# The same stack with the other layout the README weighs: one single-threaded instance per inference thread and no
-# batching, as the Python app runs one single-threaded worker per core. /test only, at concurrency 1 and 10.
-start_model_server --instances "$threads" --max-batch-size 1
+# The same stack with the other layout the README weighs: one instance of every thread, batches of up to 8.
+# /test only, at concurrency 1 and 10.
+start_model_server --instances 1 --max-batch-size 8 --max-queue-delay 0
 start_gateway
 for c in 1 10; do
-    say "stack, $threads instances of 1 thread: /test, concurrency $c"
-    loadtest test --gateway "$gateway" --concurrency "$c" >"$work/results/instances-test-c$c.json"
+    say "stack, one instance of $threads threads: /test, concurrency $c"
+    loadtest test --gateway "$gateway" --concurrency "$c" >"$work/results/one-instance-test-c$c.json"
 done
 stop "$gw_pid"
 stop "$ms_pid"

@@ -2,7 +2,8 @@
 //! drain it, one per instance. Requests waiting when an instance becomes free
 //! run together as one batch, on that instance's thread pool; with a queue
 //! delay, a batch that is not full waits up to that long after its oldest
-//! request for more.
+//! request for more. An instance whose batch is the only work of the version
+//! borrows the idle instances' threads for it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -74,6 +75,10 @@ struct State {
     closed: bool,
     /// Requests dropped because their caller went away, not yet counted in the statistics.
     dropped: u64,
+    /// Instances running a batch now.
+    running: usize,
+    /// One instance runs on every thread, its idle peers' included: the others take nothing until it is done.
+    borrowed: bool,
 }
 
 impl std::fmt::Debug for Job {
@@ -93,6 +98,8 @@ impl State {
             max_delay,
             closed: false,
             dropped: 0,
+            running: 0,
+            borrowed: false,
         }
     }
 
@@ -138,13 +145,29 @@ impl State {
         if can_grow && now < due && !self.closed {
             return Next::WaitUntil(due);
         }
-        // A request larger than a whole batch cannot happen (requests are
-        // checked against max_batch_size); run it alone rather than stall.
+        // A request larger than a whole batch (more than the merge limit, as
+        // requests are checked against max_batch_size) runs alone.
         Next::Run(self.jobs.drain(..count.max(1)).collect())
     }
 
     fn depth(&self) -> usize {
         self.jobs.len()
+    }
+
+    /// Marks a batch, just taken, as running, and says whether it may borrow
+    /// every thread: only when nothing else of this version is running or
+    /// waiting, so a lone request gets every core while a busy version keeps
+    /// one batch per instance.
+    fn start(&mut self, can_borrow: bool) -> bool {
+        self.running += 1;
+        self.borrowed = can_borrow && self.running == 1 && self.jobs.is_empty();
+        self.borrowed
+    }
+
+    /// Marks a batch as done.
+    fn finish(&mut self) {
+        self.running -= 1;
+        self.borrowed = false;
     }
 }
 
@@ -184,9 +207,28 @@ pub struct ModelSpec {
     pub input: InputSize,
     pub normalisation: Normalisation,
     pub num_classes: usize,
-    pub max_batch_size: usize,
+    /// Most images in a batch merged from several requests. One request of more (requests are checked against
+    /// `--max-batch-size` before they are queued) runs alone.
+    pub merge_limit: usize,
     /// How long a batch that is not full may wait for more requests.
     pub max_queue_delay: Duration,
+}
+
+/// Most images an instance of `threads_per_instance` threads merges into one batch. Several instances without
+/// a queue delay merge only as many images as each has threads: a free instance that took everything waiting
+/// would work through it on its share of the cores while the next free instance found nothing to do. One
+/// instance, or a queue delay (batches asked for), merges up to `max_batch_size`.
+pub fn merge_limit(
+    max_batch_size: usize,
+    max_queue_delay: Duration,
+    instances: usize,
+    threads_per_instance: usize,
+) -> usize {
+    if instances > 1 && max_queue_delay.is_zero() {
+        threads_per_instance.clamp(1, max_batch_size.max(1))
+    } else {
+        max_batch_size
+    }
 }
 
 /// Cloneable handle that submits requests to one model version's queue.
@@ -199,12 +241,14 @@ impl Batcher {
     /// Starts one thread per pool in `pools`, each an instance of the model
     /// that takes the next batch from the version's one queue whenever it is
     /// free and runs it on its own pool; they share `classifier` and its
-    /// weights. The threads finish what is queued and exit when every handle
-    /// is dropped.
+    /// weights. A batch that is the version's only work runs on `whole`, when
+    /// given: the pool of every thread the instances divide among them. The
+    /// threads finish what is queued and exit when every handle is dropped.
     pub fn spawn(
         spec: ModelSpec,
         classifier: Arc<dyn Classifier>,
         pools: &[Arc<rayon::ThreadPool>],
+        whole: Option<Arc<rayon::ThreadPool>>,
         queue_size: usize,
         stats: Arc<Stats>,
     ) -> std::io::Result<Self> {
@@ -218,7 +262,7 @@ impl Batcher {
         let queue = Arc::new(Queue {
             state: Mutex::new(State::new(
                 queue_size,
-                spec.max_batch_size,
+                spec.merge_limit,
                 spec.max_queue_delay,
             )),
             changed: Condvar::new(),
@@ -238,6 +282,7 @@ impl Batcher {
                 instance,
                 classifier: classifier.clone(),
                 pool: pool.clone(),
+                whole: whole.clone(),
                 stats: stats.clone(),
             };
             let queue = queue.clone();
@@ -296,7 +341,25 @@ struct Worker {
     instance: usize,
     classifier: Arc<dyn Classifier>,
     pool: Arc<rayon::ThreadPool>,
+    /// Every thread, for a batch that runs alone.
+    whole: Option<Arc<rayon::ThreadPool>>,
     stats: Arc<Stats>,
+}
+
+/// A batch in progress, counted in the queue's state until it is dropped, even by a panic, so a borrowed
+/// run never leaves the other instances waiting for ever.
+struct Running<'a> {
+    queue: &'a Queue,
+    borrowed: bool,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.queue.lock().finish();
+        if self.borrowed {
+            self.queue.changed.notify_all();
+        }
+    }
 }
 
 impl Worker {
@@ -307,20 +370,35 @@ impl Worker {
     fn run(self, queue: &Queue) {
         let mut state = queue.lock();
         loop {
+            if state.borrowed {
+                // Another instance runs on this one's threads too.
+                state = queue
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                continue;
+            }
             let next = state.next_batch(Instant::now());
             for _ in 0..std::mem::take(&mut state.dropped) {
                 self.stats.record_refused(Failure::Cancelled);
             }
             match next {
                 Next::Run(jobs) => {
+                    let borrowed = state.start(self.whole.is_some());
                     let more = state.depth() > 0;
                     drop(state);
                     // The wake-up for what is left may have been this worker's own: pass it on to a free one.
                     if more {
                         queue.changed.notify_one();
                     }
+                    let running = Running { queue, borrowed };
+                    let pool = match &self.whole {
+                        Some(whole) if borrowed => whole,
+                        _ => &self.pool,
+                    };
                     let images = jobs.iter().map(|j| j.request.batch).sum();
-                    self.execute(jobs, images);
+                    self.execute(pool, jobs, images);
+                    drop(running);
                     state = queue.lock();
                 }
                 Next::WaitUntil(due) => {
@@ -342,12 +420,12 @@ impl Worker {
         }
     }
 
-    fn execute(&self, mut jobs: Vec<Job>, images: usize) {
+    fn execute(&self, pool: &rayon::ThreadPool, mut jobs: Vec<Job>, images: usize) {
         for job in &mut jobs {
             job.queued = tracing::Span::none();
         }
         let started = Instant::now();
-        let span = tracing::info_span!("infer_batch", model = %self.spec.name, version = self.spec.version, instance = self.instance, batch = images);
+        let span = tracing::info_span!("infer_batch", model = %self.spec.name, version = self.spec.version, instance = self.instance, batch = images, threads = pool.current_num_threads());
         for job in &jobs {
             span.follows_from(&job.span);
         }
@@ -356,7 +434,7 @@ impl Worker {
             .iter()
             .map(|j| tracing::info_span!(parent: &j.span, "compute", batch = images))
             .collect();
-        let result = span.in_scope(|| self.pool.install(|| self.compute(&jobs)));
+        let result = span.in_scope(|| pool.install(|| self.compute(&jobs)));
         drop(compute);
         let done = Instant::now();
         match result {
@@ -571,6 +649,31 @@ mod tests {
     }
 
     #[test]
+    fn a_request_larger_than_the_merge_limit_runs_alone_and_nothing_joins_it() {
+        let now = Instant::now();
+        let mut state = State::new(16, 1, Duration::ZERO);
+        let _rx = queue(&mut state, &[1, 1, 4, 1], now);
+        assert_eq!(sizes(state.next_batch(now)), [1]);
+        assert_eq!(sizes(state.next_batch(now)), [1]);
+        assert_eq!(sizes(state.next_batch(now)), [4]);
+        assert_eq!(sizes(state.next_batch(now)), [1]);
+    }
+
+    #[test]
+    fn several_instances_without_a_delay_merge_one_image_per_thread() {
+        let none = Duration::ZERO;
+        assert_eq!(merge_limit(8, none, 1, 2), 8, "one instance");
+        assert_eq!(merge_limit(8, none, 2, 1), 1);
+        assert_eq!(merge_limit(8, none, 2, 4), 4);
+        assert_eq!(merge_limit(2, none, 2, 4), 2, "never past max_batch_size");
+        assert_eq!(
+            merge_limit(8, Duration::from_millis(1), 2, 1),
+            8,
+            "a delay asks for batches"
+        );
+    }
+
+    #[test]
     fn drops_requests_whose_caller_went_away() {
         let now = Instant::now();
         let mut state = State::new(16, 4, Duration::ZERO);
@@ -601,6 +704,8 @@ mod tests {
         open: Mutex<bool>,
         changed: Condvar,
         held: std::sync::atomic::AtomicUsize,
+        /// The threads of the pool each batch ran on, in the order they started.
+        threads: Mutex<Vec<usize>>,
     }
 
     impl Gated {
@@ -613,6 +718,10 @@ mod tests {
     impl Classifier for Gated {
         fn logits(&self, x: &Tensor) -> Result<Tensor, BackendError> {
             let err = |e: candle_core::Error| BackendError::Inference(e.to_string());
+            self.threads
+                .lock()
+                .unwrap()
+                .push(rayon::current_num_threads());
             let first = x.flatten_all().and_then(|t| t.get(0)?.to_scalar::<f32>());
             if first.map_err(err)? == HOLD {
                 self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -625,19 +734,27 @@ mod tests {
         }
     }
 
+    fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
+        Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap(),
+        )
+    }
+
     /// A batcher of `instances` one-thread instances over a 1x1 model.
     fn spawn_gated(instances: usize) -> std::io::Result<(Batcher, Arc<Gated>)> {
+        spawn_gated_with(instances, None)
+    }
+
+    /// As [`spawn_gated`], with a pool of `whole` threads for a batch that runs alone.
+    fn spawn_gated_with(
+        instances: usize,
+        whole: Option<usize>,
+    ) -> std::io::Result<(Batcher, Arc<Gated>)> {
         let classifier = Arc::new(Gated::default());
-        let pools: Vec<_> = (0..instances)
-            .map(|_| {
-                Arc::new(
-                    rayon::ThreadPoolBuilder::new()
-                        .num_threads(1)
-                        .build()
-                        .unwrap(),
-                )
-            })
-            .collect();
+        let pools: Vec<_> = (0..instances).map(|_| pool(1)).collect();
         let spec = ModelSpec {
             name: "gated".into(),
             version: 1,
@@ -651,10 +768,17 @@ mod tests {
                 std: 1.0,
             },
             num_classes: CLASSES,
-            max_batch_size: 8,
+            merge_limit: 8,
             max_queue_delay: Duration::ZERO,
         };
-        let batcher = Batcher::spawn(spec, classifier.clone(), &pools, 64, Arc::default())?;
+        let batcher = Batcher::spawn(
+            spec,
+            classifier.clone(),
+            &pools,
+            whole.map(pool),
+            64,
+            Arc::default(),
+        )?;
         Ok((batcher, classifier))
     }
 
@@ -698,7 +822,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn instances_answer_every_request_once_and_count_it() {
-        let (batcher, _classifier) = spawn_gated(3).unwrap();
+        let (batcher, _classifier) = spawn_gated_with(3, Some(3)).unwrap();
         let requests: Vec<_> = (0..40)
             .map(|_| {
                 let batcher = batcher.clone();
@@ -712,6 +836,53 @@ mod tests {
         let stats = batcher.stats().snapshot();
         assert_eq!(stats.inference_count, 40);
         assert_eq!(stats.success_count, 40);
+    }
+
+    #[test]
+    fn only_a_batch_with_nothing_else_running_or_waiting_borrows_every_thread() {
+        let now = Instant::now();
+        let mut state = State::new(16, 1, Duration::ZERO);
+        let _rx = queue(&mut state, &[1, 1], now);
+        assert_eq!(sizes(state.next_batch(now)), [1]);
+        assert!(!state.start(true), "another request is waiting");
+        assert_eq!(sizes(state.next_batch(now)), [1]);
+        assert!(!state.start(true), "another instance is running");
+        state.finish();
+        state.finish();
+        let _rx = queue(&mut state, &[1], now);
+        assert_eq!(sizes(state.next_batch(now)), [1]);
+        assert!(!state.start(false), "no pool to borrow");
+        state.finish();
+        let _rx = queue(&mut state, &[1], now);
+        assert_eq!(sizes(state.next_batch(now)), [1]);
+        assert!(state.start(true) && state.borrowed);
+        state.finish();
+        assert!(!state.borrowed && state.running == 0);
+    }
+
+    #[tokio::test]
+    async fn a_lone_request_borrows_the_idle_instances_threads_and_the_next_waits_for_them() {
+        let (batcher, classifier) = spawn_gated_with(2, Some(2)).unwrap();
+        let held = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.infer(image(HOLD)).await }
+        });
+        assert!(
+            eventually(|| classifier.held.load(std::sync::atomic::Ordering::SeqCst) == 1).await
+        );
+        let next = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.infer(image(0.0)).await }
+        });
+        // The second instance is idle but its thread is lent: the request waits rather than oversubscribe.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(*classifier.threads.lock().unwrap(), [2]);
+        assert_eq!(batcher.queue_depth(), 1);
+        classifier.open();
+        assert!(held.await.unwrap().is_ok());
+        assert!(next.await.unwrap().is_ok());
+        // Alone again once the first was done, the second borrowed too.
+        assert_eq!(*classifier.threads.lock().unwrap(), [2, 2]);
     }
 
     #[test]

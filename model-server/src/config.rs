@@ -33,10 +33,10 @@ pub struct Config {
     pub threads: usize,
 
     /// Instances of each model version (Triton's `instance_group`): copies of the execution context that run
-    /// batches side by side, each on its own share of `--threads`, all sharing one copy of the weights. On few
-    /// cores, several images side by side can finish sooner than one image spread over every core. A version's
-    /// `config.json` can override it with `"instance_group": {"count": N}`.
-    #[arg(long, env = "INSTANCES", default_value_t = DEFAULT_INSTANCES)]
+    /// batches side by side, each on its own share of `--threads`, all sharing one copy of the weights; a batch
+    /// that is a version's only work borrows the idle instances' threads. 0 means one per inference thread on the
+    /// CPU and one on CUDA. A version's `config.json` can override it with `"instance_group": {"count": N}`.
+    #[arg(long, env = "INSTANCES", default_value_t = 0)]
     pub instances: usize,
 
     /// Where inference runs: `cpu`, `cuda` (the first GPU) or `cuda:N`. CUDA needs a server built with
@@ -132,9 +132,6 @@ impl std::fmt::Display for ControlMode {
     }
 }
 
-/// `--instances` when neither the flag nor `INSTANCES` is given.
-pub const DEFAULT_INSTANCES: usize = 1;
-
 /// Most instances of one model version: each is an OS thread and a thread pool, so far more than there are
 /// cores only costs memory and switching.
 pub const MAX_INSTANCES: usize = 64;
@@ -150,9 +147,9 @@ impl Config {
         if self.max_batch_size() == 0 {
             return Err(ConfigError("--max-batch-size must be at least 1".into()));
         }
-        if !(1..=MAX_INSTANCES).contains(&self.instances) {
+        if self.instances > MAX_INSTANCES {
             return Err(ConfigError(format!(
-                "--instances must be between 1 and {MAX_INSTANCES}, got {}",
+                "--instances must be between 1 and {MAX_INSTANCES}, or 0 for one per inference thread, got {}",
                 self.instances
             )));
         }
@@ -213,6 +210,17 @@ impl Config {
     pub fn dtype(&self) -> DType {
         // clap has already refused any other name.
         parse_dtype(&self.dtype).unwrap_or(DType::F32)
+    }
+
+    /// Instances of a version whose `config.json` sets none: `--instances`, or for 0 one per inference thread on
+    /// the CPU (a lone request still gets every thread, borrowed from the idle instances) and one on CUDA, where
+    /// the device does the work.
+    pub fn instance_count(&self) -> usize {
+        match (self.instances, &self.device) {
+            (0, DeviceChoice::Cpu) => self.inference_threads().min(MAX_INSTANCES),
+            (0, DeviceChoice::Cuda(_)) => 1,
+            (n, _) => n,
+        }
     }
 
     /// The number of inference threads to start, shared out among the instances.
@@ -376,24 +384,28 @@ mod tests {
     }
 
     #[test]
-    fn instances_default_to_one_and_must_be_between_1_and_64() {
+    fn instances_default_to_one_per_thread_on_the_cpu_and_must_be_at_most_64() {
         let default = config(&[]).unwrap();
-        assert_eq!(default.instances, DEFAULT_INSTANCES);
         assert!(default.validate().is_ok());
-        let two = config(&["--instances", "2", "--threads", "2"]).unwrap();
-        assert_eq!((two.instances, two.inference_threads()), (2, 2));
+        assert_eq!(default.instance_count(), default.inference_threads());
+        let four = config(&["--threads", "4"]).unwrap();
+        assert_eq!(four.instance_count(), 4);
+        let many = config(&["--threads", "100"]).unwrap();
+        assert_eq!(many.instance_count(), MAX_INSTANCES);
+        let gpu = config(&["--device", "cuda"]).unwrap();
+        assert_eq!(gpu.instance_count(), 1);
+        let two = config(&["--instances", "2", "--threads", "8"]).unwrap();
+        assert_eq!((two.instance_count(), two.inference_threads()), (2, 8));
         assert!(two.validate().is_ok());
-        for bad in ["0", "65"] {
-            let e = config(&["--instances", bad])
-                .unwrap()
-                .validate()
-                .unwrap_err()
-                .to_string();
-            assert!(
-                e.contains("--instances must be between 1 and 64"),
-                "{bad}: {e}"
-            );
-        }
+        let e = config(&["--instances", "65"])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--instances must be between 1 and 64, or 0 for one per inference thread"),
+            "{e}"
+        );
         assert!(config(&["--instances", "-1"]).is_err());
     }
 

@@ -73,12 +73,12 @@ pub async fn serve_with(
     let pools = Arc::new(pools::Pools::new(threads));
     // The flag's layout is started now, so pools that cannot start fail the server rather than every model.
     pools
-        .get(config.instances)
+        .get(config.instance_count())
         .context("starting the inference thread pools")?;
     let registry = Arc::new(Registry::new());
     let opts = LoadOptions {
         pools,
-        instances: config.instances,
+        instances: config.instance_count(),
         device,
         dtype: config.dtype(),
         max_batch_size: config.max_batch_size(),
@@ -172,13 +172,13 @@ pub async fn serve_with(
     let inference = GrpcInferenceServiceServer::new(InferenceService::new(
         lifecycle,
         config.max_batch_size(),
-        config.instances,
+        config.instance_count(),
     ))
     .max_decoding_message_size(config.max_message_size)
     .max_encoding_message_size(config.max_message_size);
 
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, %http_addr, threads, instances = config.instances, repository = %config.model_repository.display(), "gRPC server listening");
+    tracing::info!(%addr, %http_addr, threads, instances = config.instance_count(), repository = %config.model_repository.display(), "gRPC server listening");
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let (began, draining) = tokio::sync::oneshot::channel::<()>();
     let shutdown = {

@@ -66,6 +66,17 @@ pub async fn load(source: Source<'_>, opts: &LoadOptions) -> Result<Loaded, Infe
         .pools
         .get(instances)
         .map_err(|e| load_error(format!("starting the inference thread pools: {e}")))?;
+    let lends = threads_per_instance < opts.pools.threads();
+    // A lone batch borrows the idle instances' threads: the layout of one instance with every thread.
+    let whole = if lends {
+        let whole = opts
+            .pools
+            .get(1)
+            .map_err(|e| load_error(format!("starting the inference thread pool: {e}")))?;
+        whole.first().cloned()
+    } else {
+        None
+    };
     let pool = instance_pools
         .first()
         .cloned()
@@ -85,13 +96,19 @@ pub async fn load(source: Source<'_>, opts: &LoadOptions) -> Result<Loaded, Infe
     })
     .await
     .map_err(load_error)??;
+    let merge_limit = batcher::merge_limit(
+        opts.max_batch_size,
+        opts.max_queue_delay,
+        instances,
+        threads_per_instance,
+    );
     let spec = ModelSpec {
         name: model.to_owned(),
         version,
         input: config.input,
         normalisation: config.normalisation,
         num_classes: config.num_classes,
-        max_batch_size: opts.max_batch_size,
+        merge_limit,
         max_queue_delay: opts.max_queue_delay,
     };
     let stats = Arc::new(Stats::default());
@@ -100,6 +117,7 @@ pub async fn load(source: Source<'_>, opts: &LoadOptions) -> Result<Loaded, Infe
         spec,
         Arc::from(classifier),
         &instance_pools,
+        whole,
         opts.queue_size,
         stats.clone(),
     )
@@ -114,6 +132,8 @@ pub async fn load(source: Source<'_>, opts: &LoadOptions) -> Result<Loaded, Infe
         instances,
         threads_per_instance,
         max_batch_size = opts.max_batch_size,
+        merge_limit,
+        lends_threads = lends,
         max_queue_delay_us = opts.max_queue_delay.as_micros() as u64,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "loaded and warmed up"

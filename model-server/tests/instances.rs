@@ -254,3 +254,26 @@ async fn a_version_config_sets_its_own_instance_count() {
     server.stop().await;
     std::fs::remove_dir_all(&repo).expect("clean up");
 }
+
+// The test server runs two inference threads: without `--instances` each version gets one instance per thread, and
+// both answer concurrent photos with their own classes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_is_one_instance_per_inference_thread() {
+    let server = TestServer::start(&[]).await;
+    assert_eq!(instance_count(&server).await, 2);
+    let server_ref = &server;
+    let calls: Vec<_> = PHOTOS
+        .iter()
+        .map(|&photo| {
+            let request = photos_request(&[photo]);
+            async move {
+                let server = server_ref;
+                let mut client = server.client().await;
+                let response = client.model_infer(request).await.expect("infer");
+                assert_eq!(top1(response.into_inner()), [photo.1], "{}", photo.0);
+            }
+        })
+        .collect();
+    futures::future::join_all(calls).await;
+    server.stop().await;
+}

@@ -639,7 +639,14 @@ mod x86 {
     impl Product for Bf16 {
         #[inline(always)]
         unsafe fn fma(acc: __m512, a: __m512, b: __m512) -> __m512 {
-            unsafe { _mm512_dpbf16_ps(acc, std::mem::transmute(a), std::mem::transmute(b)) }
+            // The packed panels hold bf16 pairs in f32 lanes: the same 512 bits, read as 32 bf16 values.
+            unsafe {
+                _mm512_dpbf16_ps(
+                    acc,
+                    std::mem::transmute::<__m512, __m512bh>(a),
+                    std::mem::transmute::<__m512, __m512bh>(b),
+                )
+            }
         }
     }
 
