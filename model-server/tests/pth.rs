@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{DType, IndexOp, Tensor};
-use model_server::pth::read_legacy_pth;
+use model_server::convert::pth::read_legacy_pth;
 
 /// The checkpoint, read once for all tests.
 fn checkpoint() -> &'static [(String, Tensor)] {
