@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use candle_core::{Module, Tensor};
 use model_server::config::{DeviceChoice, parse_dtype};
-use model_server::efficientnet::EfficientNetLite0;
 use model_server::kernels::isa::Isa;
+use model_server::models::efficientnet::EfficientNetLite0;
 
 // The server's allocator, so allocation costs are the server's too.
 #[global_allocator]

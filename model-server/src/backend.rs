@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::efficientnet::EfficientNetLite0;
+use crate::models::efficientnet::EfficientNetLite0;
 
 /// Errors from loading or running a model. `Clone` so that one failed batch
 /// can fail every request that was in it.

@@ -7,8 +7,8 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor};
 use common::*;
-use model_server::efficientnet::EfficientNetLite0;
 use model_server::kernels::depthwise::Depthwise;
+use model_server::models::efficientnet::EfficientNetLite0;
 
 /// The same bound as on the CPU: f32 on the GPU sums in another order, and cuBLAS may use TF32 if allowed.
 const TOLERANCE: f32 = 1e-3;

@@ -1,23 +1,13 @@
 //! The darknet reader on the official YOLOv3-tiny files (`scripts/fetch-darknet.sh` puts them in `.cache/`).
 
-use std::path::PathBuf;
+mod common;
 
+use common::darknet_file;
 use model_server::convert::darknet::{self, Layer, Network};
 
-fn file(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../.cache/yolov3-tiny")
-        .join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-darknet.sh",
-        path.display()
-    );
-    path
-}
-
 fn network() -> Network {
-    Network::parse(&std::fs::read_to_string(file("yolov3-tiny.cfg")).expect("cfg")).expect("parse")
+    Network::parse(&std::fs::read_to_string(darknet_file("yolov3-tiny.cfg")).expect("cfg"))
+        .expect("parse")
 }
 
 #[test]
@@ -48,8 +38,11 @@ fn the_official_cfg_has_the_yolov3_tiny_layers() {
 
 #[test]
 fn the_official_weights_fill_every_convolution_exactly() {
-    let (net, convs) =
-        darknet::read(&file("yolov3-tiny.cfg"), &file("yolov3-tiny.weights")).expect("read");
+    let (net, convs) = darknet::read(
+        &darknet_file("yolov3-tiny.cfg"),
+        &darknet_file("yolov3-tiny.weights"),
+    )
+    .expect("read");
     assert_eq!(convs.len(), 13);
     let floats: usize = convs
         .iter()
@@ -85,7 +78,7 @@ fn the_official_weights_fill_every_convolution_exactly() {
 #[test]
 fn a_truncated_or_longer_weights_file_is_refused_naming_the_layer() {
     let net = network();
-    let bytes = std::fs::read(file("yolov3-tiny.weights")).expect("weights");
+    let bytes = std::fs::read(darknet_file("yolov3-tiny.weights")).expect("weights");
     let e = net
         .read_weights(&bytes[..bytes.len() - 1000])
         .unwrap_err()

@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor};
 use common::*;
-use model_server::efficientnet::EfficientNetLite0;
 use model_server::kernels::isa::Isa;
+use model_server::models::efficientnet::EfficientNetLite0;
 
 /// A float32 forward pass agrees with the float64 reference to ~1e-5; 1e-3
 /// leaves room for summation order, and is far below what a wrong padding

@@ -40,6 +40,19 @@ pub fn python() -> PathBuf {
     python
 }
 
+/// A file of the official darknet YOLOv3-tiny release, which `scripts/fetch-darknet.sh` puts in `.cache/`.
+pub fn darknet_file(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../.cache/yolov3-tiny")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-darknet.sh",
+        path.display()
+    );
+    path
+}
+
 /// The model repository the tests run against (MODEL_REPOSITORY overrides).
 pub fn model_repository() -> PathBuf {
     let repo = std::env::var_os("MODEL_REPOSITORY")

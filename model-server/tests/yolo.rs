@@ -1,0 +1,115 @@
+//! YOLOv3-tiny on the golden letterboxed inputs against OpenCV's dnn module: both heads, decoded, within 1e-3.
+//! The weights are the official darknet files (`scripts/fetch-darknet.sh`).
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use common::darknet_file;
+use model_server::convert::darknet::{Layer, Network};
+use model_server::models::yolo::Yolo;
+
+const PHOTOS: [&str; 4] = ["camera", "coffee", "motorcycle_left", "clock_motion"];
+
+fn golden(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../testdata/yolo")
+        .join(name)
+}
+
+/// The official network with the second head's mask as the weights were trained (1,2,3, not the 0,1,2
+/// of the published cfg).
+fn yolov3_tiny() -> Yolo {
+    let text = std::fs::read_to_string(darknet_file("yolov3-tiny.cfg")).expect("cfg");
+    let mut network = Network::parse(&text).expect("parse");
+    let Some(Layer::Yolo(head)) = network.layers.get_mut(23) else {
+        panic!("layer 23 is the second head");
+    };
+    head.mask = vec![1, 2, 3];
+    let bytes = std::fs::read(darknet_file("yolov3-tiny.weights")).expect("weights");
+    let weights = network.read_weights(&bytes).expect("read weights");
+    Yolo::new(network, weights, &Device::Cpu).expect("build")
+}
+
+/// A golden letterboxed photo as the network's input: `[1, 3, 416, 416]` f32 in [0, 1].
+fn letterboxed(photo: &str) -> Tensor {
+    let pixels = Tensor::read_npy(golden(&format!("{photo}.letterbox.npy"))).expect("letterbox");
+    assert_eq!(pixels.dims(), [416, 416, 3]);
+    (pixels.to_dtype(DType::F32).unwrap() / 255.0)
+        .and_then(|t| t.permute((2, 0, 1))?.unsqueeze(0)?.contiguous())
+        .expect("input")
+}
+
+fn max_abs_difference(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("difference")
+}
+
+#[test]
+fn both_heads_match_opencv_on_every_golden_input() {
+    let yolo = yolov3_tiny();
+    let heads: Vec<_> = yolo.heads().cloned().collect();
+    assert_eq!(heads.len(), 2);
+    for photo in PHOTOS {
+        let x = letterboxed(photo);
+        let raw = yolo.forward(&x).expect("forward");
+        let expected = Tensor::read_npz(golden(&format!("{photo}.heads.npz"))).expect("heads");
+        for (i, (head, raw)) in heads.iter().zip(&raw).enumerate() {
+            let rows = yolo
+                .decode(head, raw)
+                .expect("decode")
+                .squeeze(0)
+                .expect("one image");
+            let name = format!("head{i}");
+            let (_, want) = expected
+                .iter()
+                .find(|(n, _)| *n == name)
+                .expect("golden head");
+            assert_eq!(rows.dims(), want.dims(), "{photo} {name}");
+            let diff = max_abs_difference(&rows, want);
+            eprintln!("{photo} {name}: max abs difference {diff:.1e}");
+            assert!(diff <= 1e-3, "{photo} {name}: max abs difference {diff}");
+        }
+    }
+}
+
+#[test]
+fn a_batch_gives_each_image_its_own_heads() {
+    let yolo = yolov3_tiny();
+    let head = yolo.heads().next().cloned().expect("a head");
+    let (a, b) = (letterboxed("camera"), letterboxed("coffee"));
+    let batch = Tensor::cat(&[&a, &b], 0).expect("batch");
+    let together = yolo
+        .decode(&head, &yolo.forward(&batch).expect("forward")[0])
+        .expect("decode");
+    for (i, single) in [a, b].iter().enumerate() {
+        let alone = yolo
+            .decode(&head, &yolo.forward(single).expect("forward")[0])
+            .expect("decode");
+        let diff = max_abs_difference(&together.narrow(0, i, 1).expect("row"), &alone);
+        assert!(diff <= 1e-5, "image {i}: {diff}");
+    }
+}
+
+// The mask trap: with the cfg's own mask (0,1,2) the second head's boxes take the wrong anchors, and the comparison
+// above would fail.
+#[test]
+fn the_published_mask_of_the_second_head_does_not_match_the_weights() {
+    let text = std::fs::read_to_string(darknet_file("yolov3-tiny.cfg")).expect("cfg");
+    let network = Network::parse(&text).expect("parse");
+    let bytes = std::fs::read(darknet_file("yolov3-tiny.weights")).expect("weights");
+    let weights = network.read_weights(&bytes).expect("read weights");
+    let yolo = Yolo::new(network, weights, &Device::Cpu).expect("build");
+    let head = yolo.heads().nth(1).cloned().expect("second head");
+    assert_eq!(head.mask, [0, 1, 2]);
+    let x = letterboxed("coffee");
+    let rows = yolo
+        .decode(&head, &yolo.forward(&x).expect("forward")[1])
+        .and_then(|t| t.squeeze(0))
+        .expect("decode");
+    let expected = Tensor::read_npz(golden("coffee.heads.npz")).expect("heads");
+    let (_, want) = expected.iter().find(|(n, _)| n == "head1").expect("head1");
+    assert!(max_abs_difference(&rows, want) > 1e-2);
+}
