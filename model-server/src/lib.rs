@@ -6,6 +6,7 @@ pub mod batcher;
 pub mod codec;
 pub mod config;
 pub mod convert;
+pub mod detections;
 pub mod error;
 pub mod http;
 pub mod kernels;

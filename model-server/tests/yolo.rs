@@ -113,3 +113,86 @@ fn the_published_mask_of_the_second_head_does_not_match_the_weights() {
     let (_, want) = expected.iter().find(|(n, _)| n == "head1").expect("head1");
     assert!(max_abs_difference(&rows, want) > 1e-2);
 }
+
+/// A reference detection of `detections.json`: class, score, box in the original photo's pixels.
+struct Expected {
+    class: usize,
+    score: f32,
+    bbox: [f32; 4],
+}
+
+/// The reference detections of a photo, and its width and height.
+fn expected_detections(photo: &str) -> (f32, f32, Vec<Expected>) {
+    let text = std::fs::read_to_string(golden("detections.json")).expect("detections.json");
+    let all: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let entry = &all[format!("{photo}.png")];
+    let number = |v: &serde_json::Value| v.as_f64().expect("number") as f32;
+    let detections = entry["detections"]
+        .as_array()
+        .expect("detections")
+        .iter()
+        .map(|d| Expected {
+            class: d["class"].as_u64().expect("class") as usize,
+            score: number(&d["score"]),
+            bbox: std::array::from_fn(|i| number(&d["box"][i])),
+        })
+        .collect();
+    (
+        number(&entry["width"]),
+        number(&entry["height"]),
+        detections,
+    )
+}
+
+// The whole detector, decoding and selection included, against the reference's final detections at a score of
+// 0.25 and IoU 0.45: the boxes are mapped back through the reference's letterbox to the photo's pixels.
+#[test]
+fn final_detections_match_the_reference() {
+    use model_server::detections::{Selection, iou};
+    let yolo = yolov3_tiny();
+    let mut total = 0;
+    for photo in PHOTOS {
+        let (width, height, expected) = expected_detections(photo);
+        let found = yolo
+            .detect(&letterboxed(photo), &Selection::default())
+            .expect("detect")
+            .remove(0);
+        let scale = (416.0 / width).min(416.0 / height);
+        let (dx, dy) = (
+            ((416.0 - (width * scale).round().max(1.0)) / 2.0).floor(),
+            ((416.0 - (height * scale).round().max(1.0)) / 2.0).floor(),
+        );
+        let classes = |d: &[(usize, f32)]| d.iter().map(|(c, _)| *c).collect::<Vec<_>>();
+        let ours: Vec<(usize, f32)> = found.iter().map(|d| (d.class, d.score)).collect();
+        let theirs: Vec<(usize, f32)> = expected.iter().map(|d| (d.class, d.score)).collect();
+        assert_eq!(
+            classes(&ours),
+            classes(&theirs),
+            "{photo}: {ours:?} vs {theirs:?}"
+        );
+        for (d, e) in found.iter().zip(&expected) {
+            let [x1, y1, x2, y2] = d.bbox;
+            let mapped = [
+                ((x1 - dx) / scale).clamp(0.0, width),
+                ((y1 - dy) / scale).clamp(0.0, height),
+                ((x2 - dx) / scale).clamp(0.0, width),
+                ((y2 - dy) / scale).clamp(0.0, height),
+            ];
+            let overlap = iou(&mapped, &e.bbox);
+            assert!(
+                overlap >= 0.99,
+                "{photo}: IoU {overlap} of {mapped:?} and {:?}",
+                e.bbox
+            );
+            assert!(
+                (d.score - e.score).abs() <= 1e-3,
+                "{photo}: score {} vs {}",
+                d.score,
+                e.score
+            );
+            total += 1;
+        }
+    }
+    // camera: two people; coffee: a cup; motorcycle_left: a motorbike; clock_motion: a vase.
+    assert_eq!(total, 5);
+}

@@ -5,6 +5,7 @@
 use candle_core::{D, DType, Device, Result, Tensor, bail};
 
 use crate::convert::darknet::{Activation, ConvWeights, Layer, Network, YoloHead};
+use crate::detections::{self, Detection, Selection};
 
 /// The epsilon under the square root of a batch norm's variance. darknet itself divides by
 /// `sqrt(var) + 1e-6`; OpenCV's importer, the reference, by `sqrt(var + 1e-6)`. Either is far below
@@ -179,6 +180,31 @@ impl Yolo {
             rows * columns * anchors,
             values,
         ))
+    }
+}
+
+impl Yolo {
+    /// Runs the network on a batch and selects each image's detections: boxes in input pixels, highest
+    /// score first.
+    pub fn detect(&self, x: &Tensor, selection: &Selection) -> Result<Vec<Vec<Detection>>> {
+        let raw = self.forward(x)?;
+        let rows = self
+            .heads()
+            .zip(&raw)
+            .map(|(head, raw)| self.decode(head, raw))
+            .collect::<Result<Vec<_>>>()?;
+        // Every head predicts the same values per row, so the heads' rows join into one list per image.
+        let rows = Tensor::cat(&rows, 1)?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?;
+        let (n, _, values) = rows.dims3()?;
+        let (width, height) = (self.network.width as f32, self.network.height as f32);
+        (0..n)
+            .map(|i| {
+                let image = rows.get(i)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(detections::select(&image, values, width, height, selection))
+            })
+            .collect()
     }
 }
 
