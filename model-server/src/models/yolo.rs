@@ -6,6 +6,9 @@ use candle_core::{D, DType, Device, Result, Tensor, bail};
 
 use crate::convert::darknet::{Activation, ConvWeights, Layer, Network, YoloHead};
 use crate::detections::{self, Detection, Selection};
+use crate::kernels::isa::Isa;
+
+mod cpu;
 
 /// The epsilon under the square root of a batch norm's variance. darknet itself divides by
 /// `sqrt(var) + 1e-6`; OpenCV's importer, the reference, by `sqrt(var + 1e-6)`. Either is far below
@@ -29,6 +32,9 @@ pub struct Yolo {
     network: Network,
     /// One entry per layer: the convolution of a convolutional layer, `None` for any other.
     convs: Vec<Option<Conv>>,
+    /// The same convolutions packed for the channels-last CPU path, and the instruction set it uses; `None`
+    /// off the CPU, where candle's operations run.
+    cpu: Option<(Isa, Vec<Option<cpu::Conv>>)>,
     device: Device,
 }
 
@@ -42,6 +48,7 @@ impl Yolo {
     /// into its convolution, on `device`.
     pub fn new(network: Network, weights: Vec<ConvWeights>, device: &Device) -> Result<Self> {
         let mut convs: Vec<Option<Conv>> = network.layers.iter().map(|_| None).collect();
+        let mut packed: Vec<Option<cpu::Conv>> = network.layers.iter().map(|_| None).collect();
         for w in weights {
             let Some(Layer::Convolutional {
                 stride,
@@ -56,6 +63,16 @@ impl Yolo {
                 );
             };
             let (kernel, bias) = fold(&w);
+            if device.is_cpu() {
+                packed[w.layer] = Some(cpu::Conv::new(
+                    &kernel,
+                    &bias,
+                    w.shape,
+                    *stride,
+                    *padding,
+                    *activation,
+                ));
+            }
             convs[w.layer] = Some(Conv {
                 kernel: Tensor::from_vec(kernel, w.shape.to_vec(), device)?,
                 bias: Tensor::from_vec(bias, (1, w.shape[0], 1, 1), device)?,
@@ -72,8 +89,16 @@ impl Yolo {
         Ok(Self {
             network,
             convs,
+            cpu: device.is_cpu().then(|| (Isa::detect(), packed)),
             device: device.clone(),
         })
+    }
+
+    /// The same network on candle's generic operations even on the CPU: the reference the channels-last
+    /// path is tested against.
+    pub fn with_generic_ops(mut self) -> Self {
+        self.cpu = None;
+        self
     }
 
     /// The device the weights live on.
@@ -97,6 +122,9 @@ impl Yolo {
     /// Runs the network on `[N, channels, height, width]` f32 in [0, 1]; returns what each `[yolo]` head
     /// receives: `[N, anchors * (5 + classes), rows, columns]`, not yet decoded.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        if let Some((isa, convs)) = &self.cpu {
+            return cpu::forward(*isa, &self.network, convs, &x.to_dtype(DType::F32)?);
+        }
         let mut outputs: Vec<Tensor> = Vec::with_capacity(self.network.layers.len());
         let mut heads = Vec::new();
         for (i, layer) in self.network.layers.iter().enumerate() {
