@@ -249,6 +249,24 @@ def main():
             f"batch-8 throughput {o8['images_per_s'] / r8['images_per_s']:.2f}x onnxruntime's.")
         add("")
 
+    add("### The detector: ours against OpenCV dnn")
+    add("")
+    add("YOLOv3-tiny, random 416x416 input, network only (both heads' outputs, no decoding), 2 threads. Ours: "
+        "`cargo bench -p model-server --bench inference -- --model yolov3-tiny`, channels-last on the project's "
+        "GEMM. OpenCV: `scripts/bench-opencv.py`, the dnn module's CPU backend, on the same official darknet "
+        "files.")
+    add("")
+    ours, cv = load("compute-yolo-ours-t2.json"), load("compute-opencv-t2.json")
+    runtime = cv["runtime"] if cv else "OpenCV dnn"
+    add(f"| batch | ours: median ms | ours: img/s | {runtime}: median ms | {runtime}: img/s | ours ÷ OpenCV time |")
+    add("| --- | --- | --- | --- | --- | --- |")
+    for batch in (1, 8):
+        o, c = compute_row(ours, batch), compute_row(cv, batch)
+        om, cm = (o["median_ms"] if o else None), (c["median_ms"] if c else None)
+        add(f"| {batch} | {fmt(om)} | {fmt(o['images_per_s'] if o else None)} | {fmt(cm)} | "
+            f"{fmt(c['images_per_s'] if c else None)} | {times(om, cm)} |")
+    add("")
+
     # 2. model server alone
     add("## 2. The model server alone, over gRPC")
     add("")

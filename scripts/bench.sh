@@ -2,6 +2,7 @@
 # Measures the service on this machine in one run and writes BENCHMARKS.md from what it measured:
 #   1. model compute, ours (cargo bench --bench inference) against onnxruntime on the same ONNX model,
 #      batch 1 latency and batch 8 throughput, 1 and 2 threads;
+#      then the detector, YOLOv3-tiny, ours against OpenCV's dnn module on the official darknet files, 2 threads;
 #   2. the model server alone over gRPC under loadtest, concurrency 1, 4 and 16, batching off and on;
 #   3. gateway + model server under loadtest at concurrency 1 and 10, on /test and on predict-by-URL (a 500x375
 #      JPEG served from loopback), with the gateway's own share of the latency;
@@ -92,6 +93,7 @@ fi
 cargo bench --locked "${cargo_profile[@]}" --workspace --bench inference --no-run
 MAKE_MODEL_REPOSITORY="$bin_dir/make-model-repository" scripts/setup-model-repository.sh
 export MODEL_REPOSITORY="$root/model-repository"
+scripts/fetch-darknet.sh
 
 # ---- machine --------------------------------------------------------------------------------------------------
 # The CPU as lscpu names it, its cache sizes, and the instruction-set extensions the kernels (ours and onnxruntime's)
@@ -135,6 +137,14 @@ if $baseline; then
 else
     say "no ONNX model at $ort_model: onnxruntime not measured (set ORT_MODEL)"
 fi
+
+# The detector with 2 threads: ours on the project's kernels, OpenCV's dnn module on the same darknet files.
+say "compute: YOLOv3-tiny, ours"
+cargo bench --locked "${cargo_profile[@]}" --workspace --bench inference -- --model yolov3-tiny \
+    --threads "$threads" --runs "$runs" --trials "$trials" --batches 1,8 --json "$work/results/compute-yolo-ours-t$threads.json"
+say "compute: YOLOv3-tiny, OpenCV dnn"
+$py scripts/bench-opencv.py .cache/yolov3-tiny --threads "$threads" --runs "$runs" --trials "$trials" \
+    --out-dir "$work/results"
 
 # ---- servers --------------------------------------------------------------------------------------------------
 free_port() { $py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use common::darknet_file;
-use model_server::convert::darknet::{Layer, Network};
+use model_server::convert::darknet::{self, Network};
 use model_server::models::yolo::Yolo;
 
 const PHOTOS: [&str; 4] = ["camera", "coffee", "motorcycle_left", "clock_motion"];
@@ -23,10 +23,7 @@ fn golden(name: &str) -> PathBuf {
 fn yolov3_tiny() -> Yolo {
     let text = std::fs::read_to_string(darknet_file("yolov3-tiny.cfg")).expect("cfg");
     let mut network = Network::parse(&text).expect("parse");
-    let Some(Layer::Yolo(head)) = network.layers.get_mut(23) else {
-        panic!("layer 23 is the second head");
-    };
-    head.mask = vec![1, 2, 3];
+    assert!(darknet::correct_yolov3_tiny_mask(&mut network));
     let bytes = std::fs::read(darknet_file("yolov3-tiny.weights")).expect("weights");
     let weights = network.read_weights(&bytes).expect("read weights");
     Yolo::new(network, weights, &Device::Cpu).expect("build")
