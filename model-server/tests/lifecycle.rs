@@ -274,12 +274,15 @@ async fn explicit_mode_under_load_through_tritonclient_and_over_http() {
     for control in [Control::Tritonclient, Control::Http] {
         let repo = Repo::new(&format!("explicit-load-{control:?}"));
         repo.add(MODEL, 1);
+        // One instance with batches of one: at most one request runs, every other is queued or answered.
         let flags = [
             "--model-control-mode",
             "explicit",
             "--load-model",
             MODEL,
             "--max-batch-size",
+            "1",
+            "--instances",
             "1",
         ];
         let (server, mut client) = serve(&repo, &flags).await;
@@ -565,12 +568,15 @@ async fn an_unload_lets_the_queued_requests_finish() {
     repo.add(MODEL, 1);
     let (server, mut client) = serve(
         &repo,
+        // One instance with batches of one, as below: at most one request runs.
         &[
             "--model-control-mode",
             "explicit",
             "--load-model",
             MODEL,
             "--max-batch-size",
+            "1",
+            "--instances",
             "1",
         ],
     )
