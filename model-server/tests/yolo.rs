@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use common::darknet_file;
-use model_server::convert::darknet::{self, Network};
+use model_server::convert::darknet::{self, ConvWeights, Network};
 use model_server::models::yolo::Yolo;
 
 const PHOTOS: [&str; 4] = ["camera", "coffee", "motorcycle_left", "clock_motion"];
@@ -21,12 +21,19 @@ fn golden(name: &str) -> PathBuf {
 /// The official network with the second head's mask as the weights were trained (1,2,3, not the 0,1,2
 /// of the published cfg).
 fn yolov3_tiny() -> Yolo {
+    yolov3_tiny_with(Yolo::new)
+}
+
+/// As [`yolov3_tiny`], built by `build`.
+fn yolov3_tiny_with(
+    build: fn(Network, Vec<ConvWeights>, &Device) -> candle_core::Result<Yolo>,
+) -> Yolo {
     let text = std::fs::read_to_string(darknet_file("yolov3-tiny.cfg")).expect("cfg");
     let mut network = Network::parse(&text).expect("parse");
     assert!(darknet::correct_yolov3_tiny_mask(&mut network));
     let bytes = std::fs::read(darknet_file("yolov3-tiny.weights")).expect("weights");
     let weights = network.read_weights(&bytes).expect("read weights");
-    Yolo::new(network, weights, &Device::Cpu).expect("build")
+    build(network, weights, &Device::Cpu).expect("build")
 }
 
 /// A golden letterboxed photo as the network's input: `[1, 3, 416, 416]` f32 in [0, 1].
@@ -199,7 +206,7 @@ fn final_detections_match_the_reference() {
 #[test]
 fn candles_generic_operations_give_the_same_heads() {
     let fast = yolov3_tiny();
-    let generic = yolov3_tiny().with_generic_ops();
+    let generic = yolov3_tiny_with(Yolo::with_candle_ops);
     let x =
         Tensor::cat(&[letterboxed("motorcycle_left"), letterboxed("camera")], 0).expect("batch");
     let (a, b) = (

@@ -27,14 +27,19 @@ struct Conv {
     activation: Activation,
 }
 
+/// How the convolutions run, with the weights laid out for it: one copy, whichever it is.
+enum Ops {
+    /// candle's operations, on any device.
+    Candle(Vec<Option<Conv>>),
+    /// The channels-last CPU path on the project's GEMM, with the instruction set it uses.
+    ChannelsLast(Isa, Vec<Option<cpu::Conv>>),
+}
+
 /// A darknet YOLO network, ready to run.
 pub struct Yolo {
     network: Network,
-    /// One entry per layer: the convolution of a convolutional layer, `None` for any other.
-    convs: Vec<Option<Conv>>,
-    /// The same convolutions packed for the channels-last CPU path, and the instruction set it uses; `None`
-    /// off the CPU, where candle's operations run.
-    cpu: Option<(Isa, Vec<Option<cpu::Conv>>)>,
+    /// One convolution per layer (`None` for the layers that are not convolutions).
+    ops: Ops,
     device: Device,
 }
 
@@ -45,9 +50,29 @@ pub type HeadRows = Tensor;
 
 impl Yolo {
     /// Builds the network from its cfg and the weights the darknet reader read, folding each batch norm
-    /// into its convolution, on `device`.
+    /// into its convolution, on `device`: channels-last on the CPU, candle's operations elsewhere.
     pub fn new(network: Network, weights: Vec<ConvWeights>, device: &Device) -> Result<Self> {
-        let mut convs: Vec<Option<Conv>> = network.layers.iter().map(|_| None).collect();
+        Self::build(network, weights, device, device.is_cpu())
+    }
+
+    /// As [`Yolo::new`], on candle's operations even on the CPU: the reference the channels-last path is
+    /// tested against.
+    pub fn with_candle_ops(
+        network: Network,
+        weights: Vec<ConvWeights>,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::build(network, weights, device, false)
+    }
+
+    fn build(
+        network: Network,
+        weights: Vec<ConvWeights>,
+        device: &Device,
+        channels_last: bool,
+    ) -> Result<Self> {
+        let mut filled = vec![false; network.layers.len()];
+        let mut candle: Vec<Option<Conv>> = network.layers.iter().map(|_| None).collect();
         let mut packed: Vec<Option<cpu::Conv>> = network.layers.iter().map(|_| None).collect();
         for w in weights {
             let Some(Layer::Convolutional {
@@ -62,8 +87,9 @@ impl Yolo {
                     w.layer
                 );
             };
+            filled[w.layer] = true;
             let (kernel, bias) = fold(&w);
-            if device.is_cpu() {
+            if channels_last {
                 packed[w.layer] = Some(cpu::Conv::new(
                     &kernel,
                     &bias,
@@ -72,33 +98,31 @@ impl Yolo {
                     *padding,
                     *activation,
                 ));
+            } else {
+                candle[w.layer] = Some(Conv {
+                    kernel: Tensor::from_vec(kernel, w.shape.to_vec(), device)?,
+                    bias: Tensor::from_vec(bias, (1, w.shape[0], 1, 1), device)?,
+                    stride: *stride,
+                    padding: *padding,
+                    activation: *activation,
+                });
             }
-            convs[w.layer] = Some(Conv {
-                kernel: Tensor::from_vec(kernel, w.shape.to_vec(), device)?,
-                bias: Tensor::from_vec(bias, (1, w.shape[0], 1, 1), device)?,
-                stride: *stride,
-                padding: *padding,
-                activation: *activation,
-            });
         }
         for (i, layer) in network.layers.iter().enumerate() {
-            if matches!(layer, Layer::Convolutional { .. }) && convs[i].is_none() {
+            if matches!(layer, Layer::Convolutional { .. }) && !filled[i] {
                 bail!("yolo: no weights for convolutional layer {i}");
             }
         }
+        let ops = if channels_last {
+            Ops::ChannelsLast(Isa::detect(), packed)
+        } else {
+            Ops::Candle(candle)
+        };
         Ok(Self {
             network,
-            convs,
-            cpu: device.is_cpu().then(|| (Isa::detect(), packed)),
+            ops,
             device: device.clone(),
         })
-    }
-
-    /// The same network on candle's generic operations even on the CPU: the reference the channels-last
-    /// path is tested against.
-    pub fn with_generic_ops(mut self) -> Self {
-        self.cpu = None;
-        self
     }
 
     /// The device the weights live on.
@@ -122,16 +146,19 @@ impl Yolo {
     /// Runs the network on `[N, channels, height, width]` f32 in [0, 1]; returns what each `[yolo]` head
     /// receives: `[N, anchors * (5 + classes), rows, columns]`, not yet decoded.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        if let Some((isa, convs)) = &self.cpu {
-            return cpu::forward(*isa, &self.network, convs, &x.to_dtype(DType::F32)?);
-        }
+        let convs = match &self.ops {
+            Ops::ChannelsLast(isa, convs) => {
+                return cpu::forward(*isa, &self.network, convs, &x.to_dtype(DType::F32)?);
+            }
+            Ops::Candle(convs) => convs,
+        };
         let mut outputs: Vec<Tensor> = Vec::with_capacity(self.network.layers.len());
         let mut heads = Vec::new();
         for (i, layer) in self.network.layers.iter().enumerate() {
             let input = outputs.last().unwrap_or(x);
             let y = match layer {
                 Layer::Convolutional { .. } => {
-                    let Some(conv) = &self.convs[i] else {
+                    let Some(conv) = &convs[i] else {
                         bail!("yolo: no weights for convolutional layer {i}");
                     };
                     let y = input
@@ -209,9 +236,7 @@ impl Yolo {
             values,
         ))
     }
-}
 
-impl Yolo {
     /// Runs the network on a batch and selects each image's detections: boxes in input pixels, highest
     /// score first.
     pub fn detect(&self, x: &Tensor, selection: &Selection) -> Result<Vec<Vec<Detection>>> {
