@@ -7,7 +7,7 @@
 //! [--cpu-kernels auto|avx512|avx2-fma|portable]` (CUDA needs `--features cuda`; YOLOv3-tiny runs in f32 with the
 //! kernels the CPU has)
 //! EfficientNet needs the model repository (MODEL_REPOSITORY, default ./model-repository); YOLOv3-tiny the
-//! official darknet files (DARKNET_DIR, default ./.cache/yolov3-tiny, from scripts/fetch-darknet.sh).
+//! official darknet files (DARKNET_DIR, default ./.cache/yolov3-tiny, from scripts/setup-model-repository.sh).
 //! Each trial times `runs` forward passes after a warm-up; the figure quoted
 //! is the median of the trial medians, with the range, as numbers on a
 //! shared machine drift between trials. `--json` also writes them for

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use tokio::sync::oneshot;
 
-use crate::backend::{BackendError, Classifier};
+use crate::backend::{BackendError, Model, Outputs};
+use crate::detections::{Detection, Selection};
 use crate::error::InferError;
 use crate::repository::{InputSize, Normalisation};
 use crate::stats::{BatchTimes, Failure, Stats};
@@ -31,13 +32,20 @@ pub enum Images {
 pub struct Request {
     pub batch: usize,
     pub images: Images,
+    /// What a detector keeps of each of this request's images.
+    pub selection: Selection,
 }
 
-/// Model outputs of one request, row-major `[batch, classes]`.
+/// Model outputs of one request.
 #[derive(Debug, Clone)]
-pub struct Response {
-    pub logits: Vec<f32>,
-    pub probabilities: Vec<f32>,
+pub enum Response {
+    /// A classifier's, row-major `[batch, classes]`.
+    Classes {
+        logits: Vec<f32>,
+        probabilities: Vec<f32>,
+    },
+    /// A detector's: each image's detections, highest score first.
+    Detections(Vec<Vec<Detection>>),
 }
 
 struct Job {
@@ -240,13 +248,13 @@ pub struct Batcher {
 impl Batcher {
     /// Starts one thread per pool in `pools`, each an instance of the model
     /// that takes the next batch from the version's one queue whenever it is
-    /// free and runs it on its own pool; they share `classifier` and its
+    /// free and runs it on its own pool; they share `model` and its
     /// weights. A batch that is the version's only work runs on `whole`, when
     /// given: the pool of every thread the instances divide among them. The
     /// threads finish what is queued and exit when every handle is dropped.
     pub fn spawn(
         spec: ModelSpec,
-        classifier: Arc<dyn Classifier>,
+        model: Arc<dyn Model>,
         pools: &[Arc<rayon::ThreadPool>],
         whole: Option<Arc<rayon::ThreadPool>>,
         queue_size: usize,
@@ -280,7 +288,7 @@ impl Batcher {
             let worker = Worker {
                 spec: spec.clone(),
                 instance,
-                classifier: classifier.clone(),
+                model: model.clone(),
                 pool: pool.clone(),
                 whole: whole.clone(),
                 stats: stats.clone(),
@@ -339,7 +347,7 @@ impl Batcher {
 struct Worker {
     spec: Arc<ModelSpec>,
     instance: usize,
-    classifier: Arc<dyn Classifier>,
+    model: Arc<dyn Model>,
     pool: Arc<rayon::ThreadPool>,
     /// Every thread, for a batch that runs alone.
     whole: Option<Arc<rayon::ThreadPool>>,
@@ -466,37 +474,27 @@ impl Worker {
             .map_err(err)?;
         let x = Tensor::cat(&inputs, 0).map_err(err)?;
         let t1 = Instant::now();
-        let logits = self.classifier.logits(&x)?;
-        let t2 = Instant::now();
-        let probabilities = candle_nn::ops::softmax_last_dim(&logits).map_err(err)?;
-        let logits = logits
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-            .map_err(err)?;
-        let probabilities = probabilities
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-            .map_err(err)?;
-        let classes = self.spec.num_classes;
-        if logits.len() != x.dim(0).map_err(err)? * classes {
-            return Err(BackendError::Inference(format!(
-                "model produced {} values, expected {} classes per image",
-                logits.len(),
-                classes
-            )));
-        }
-        let mut offset = 0;
-        let outputs = jobs
+        let selections: Vec<Selection> = jobs
             .iter()
-            .map(|j| {
-                let range = offset * classes..(offset + j.request.batch) * classes;
-                offset += j.request.batch;
-                Response {
-                    logits: logits[range.clone()].to_vec(),
-                    probabilities: probabilities[range].to_vec(),
-                }
-            })
+            .flat_map(|j| std::iter::repeat_n(j.request.selection, j.request.batch))
             .collect();
+        let images = selections.len();
+        let outputs = self.model.run(&x, &selections)?;
+        let t2 = Instant::now();
+        let outputs = match outputs {
+            Outputs::Logits(logits) => self.split_classes(jobs, &logits, images)?,
+            Outputs::Detections(mut found) => {
+                if found.len() != images {
+                    return Err(BackendError::Inference(format!(
+                        "model found boxes for {} images of {images}",
+                        found.len()
+                    )));
+                }
+                jobs.iter()
+                    .map(|j| Response::Detections(found.drain(..j.request.batch).collect()))
+                    .collect()
+            }
+        };
         let t3 = Instant::now();
         Ok((
             outputs,
@@ -506,6 +504,45 @@ impl Worker {
                 output: t3 - t2,
             },
         ))
+    }
+
+    /// Each request's rows of a batch's logits, with their softmax.
+    fn split_classes(
+        &self,
+        jobs: &[Job],
+        logits: &Tensor,
+        images: usize,
+    ) -> Result<Vec<Response>, BackendError> {
+        let err = |e: candle_core::Error| BackendError::Inference(e.to_string());
+        let probabilities = candle_nn::ops::softmax_last_dim(logits).map_err(err)?;
+        let logits = logits
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(err)?;
+        let probabilities = probabilities
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(err)?;
+        let classes = self.spec.num_classes;
+        if logits.len() != images * classes {
+            return Err(BackendError::Inference(format!(
+                "model produced {} values, expected {} classes per image",
+                logits.len(),
+                classes
+            )));
+        }
+        let mut offset = 0;
+        Ok(jobs
+            .iter()
+            .map(|j| {
+                let range = offset * classes..(offset + j.request.batch) * classes;
+                offset += j.request.batch;
+                Response::Classes {
+                    logits: logits[range.clone()].to_vec(),
+                    probabilities: probabilities[range].to_vec(),
+                }
+            })
+            .collect())
     }
 
     fn to_tensor(&self, r: &Request) -> candle_core::Result<Tensor> {
@@ -540,6 +577,7 @@ pub async fn warm_up(batcher: &Batcher, input: InputSize) -> Result<(), InferErr
     let request = Request {
         batch: 1,
         images: Images::Pixels(vec![0; input.height * input.width * input.channels]),
+        selection: Selection::default(),
     };
     match tokio::time::timeout(WARMUP_TIMEOUT, batcher.infer(request)).await {
         Ok(r) => r.map(|_| ()),
@@ -561,6 +599,7 @@ mod tests {
             request: Request {
                 batch,
                 images: Images::Pixels(Vec::new()),
+                selection: Selection::default(),
             },
             reply,
             enqueued,
@@ -715,8 +754,8 @@ mod tests {
         }
     }
 
-    impl Classifier for Gated {
-        fn logits(&self, x: &Tensor) -> Result<Tensor, BackendError> {
+    impl Model for Gated {
+        fn run(&self, x: &Tensor, _: &[Selection]) -> Result<Outputs, BackendError> {
             let err = |e: candle_core::Error| BackendError::Inference(e.to_string());
             self.threads
                 .lock()
@@ -730,7 +769,9 @@ mod tests {
                     open = self.changed.wait(open).unwrap();
                 }
             }
-            Tensor::zeros((x.dim(0).map_err(err)?, CLASSES), DType::F32, &Device::Cpu).map_err(err)
+            Tensor::zeros((x.dim(0).map_err(err)?, CLASSES), DType::F32, &Device::Cpu)
+                .map(Outputs::Logits)
+                .map_err(err)
         }
     }
 
@@ -786,6 +827,7 @@ mod tests {
         Request {
             batch: 1,
             images: Images::Normalised(vec![first, 0.0, 0.0]),
+            selection: Selection::default(),
         }
     }
 
@@ -831,7 +873,10 @@ mod tests {
             .collect();
         for request in requests {
             let response = request.await.unwrap().unwrap();
-            assert_eq!(response.logits, [0.0; CLASSES]);
+            assert!(
+                matches!(&response, Response::Classes { logits, .. } if logits == &[0.0; CLASSES]),
+                "{response:?}"
+            );
         }
         let stats = batcher.stats().snapshot();
         assert_eq!(stats.inference_count, 40);

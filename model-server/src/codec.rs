@@ -1,17 +1,40 @@
 //! Open Inference Protocol tensors to and from batcher requests: input
 //! validation with messages that say what was expected, raw and typed
-//! contents, and the classification extension.
+//! contents, the classification extension, and a detector's outputs in the
+//! layout of TensorRT's EfficientNMS.
+
+use std::collections::HashMap;
 
 use oip_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use oip_proto::inference::model_infer_response::InferOutputTensor;
 use oip_proto::inference::{InferParameter, infer_parameter::ParameterChoice};
 
+use crate::backend::Kind;
 use crate::batcher::{Images, Request, Response};
+use crate::detections::{Detection, Selection};
 use crate::error::{InferError, invalid};
 use crate::repository::VersionConfig;
 
 /// Input carrying raw RGB pixels, UINT8 `[N, H, W, 3]`.
 pub const PIXELS: &str = "pixels";
+/// A detector's input: raw RGB pixels already letterboxed, UINT8 `[N, H, W, 3]`.
+pub const IMAGES: &str = "images";
+/// Boxes found per image, INT32 `[N, 1]`.
+pub const NUM_DETECTIONS: &str = "num_detections";
+/// x1, y1, x2, y2 in input pixels, FP32 `[N, K, 4]`; rows past `num_detections` are zero.
+pub const DETECTION_BOXES: &str = "detection_boxes";
+/// Scores, highest first, FP32 `[N, K]`.
+pub const DETECTION_SCORES: &str = "detection_scores";
+/// Class indices into the labels, INT32 `[N, K]`.
+pub const DETECTION_CLASSES: &str = "detection_classes";
+/// Request parameter: the lowest score kept.
+pub const SCORE_THRESHOLD: &str = "score_threshold";
+/// Request parameter: the overlap above which a box of the same class as a better one is dropped.
+pub const IOU_THRESHOLD: &str = "iou_threshold";
+/// Request parameter: most boxes per image, and `K` of the outputs.
+pub const MAX_DETECTIONS: &str = "max_detections";
+/// The largest `max_detections` a request may ask for.
+pub const MAX_DETECTIONS_LIMIT: usize = 1000;
 /// Input carrying normalised FP32 `[N, 3, H, W]`.
 pub const INPUT: &str = "input";
 /// Output with the raw class scores, FP32 `[N, classes]`.
@@ -26,6 +49,10 @@ pub const CLASSIFICATION: &str = "classification";
 pub enum Output {
     Logits,
     Probabilities,
+    NumDetections,
+    DetectionBoxes,
+    DetectionScores,
+    DetectionClasses,
 }
 
 impl Output {
@@ -34,7 +61,73 @@ impl Output {
         match self {
             Self::Logits => LOGITS,
             Self::Probabilities => PROBABILITIES,
+            Self::NumDetections => NUM_DETECTIONS,
+            Self::DetectionBoxes => DETECTION_BOXES,
+            Self::DetectionScores => DETECTION_SCORES,
+            Self::DetectionClasses => DETECTION_CLASSES,
         }
+    }
+
+    /// A model's outputs, in the order they are listed and returned when a request names none.
+    pub fn of(kind: Kind) -> &'static [Output] {
+        match kind {
+            Kind::Classification => &[Self::Logits, Self::Probabilities],
+            Kind::Detection => &[
+                Self::NumDetections,
+                Self::DetectionBoxes,
+                Self::DetectionScores,
+                Self::DetectionClasses,
+            ],
+        }
+    }
+
+    /// Protocol datatype of the output.
+    pub fn datatype(self) -> &'static str {
+        match self {
+            Self::NumDetections | Self::DetectionClasses => "INT32",
+            _ => "FP32",
+        }
+    }
+
+    /// Shape with `-1` for the batch and, for a detector, `-1` for `K` (the request's `max_detections`).
+    pub fn shape(self, classes: usize) -> Vec<i64> {
+        match self {
+            Self::Logits | Self::Probabilities => vec![-1, classes as i64],
+            Self::NumDetections => vec![-1, 1],
+            Self::DetectionBoxes => vec![-1, -1, 4],
+            Self::DetectionScores | Self::DetectionClasses => vec![-1, -1],
+        }
+    }
+}
+
+/// One input a model accepts: its name, datatype, and shape with `-1` for the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputSpec {
+    pub name: &'static str,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
+}
+
+/// The inputs a model accepts; a request carries exactly one of them.
+pub fn inputs_of(kind: Kind, config: &VersionConfig) -> Vec<InputSpec> {
+    match kind {
+        Kind::Classification => vec![
+            InputSpec {
+                name: PIXELS,
+                datatype: "UINT8",
+                shape: pixels_shape(config),
+            },
+            InputSpec {
+                name: INPUT,
+                datatype: "FP32",
+                shape: input_shape(config),
+            },
+        ],
+        Kind::Detection => vec![InputSpec {
+            name: IMAGES,
+            datatype: "UINT8",
+            shape: pixels_shape(config),
+        }],
     }
 }
 
@@ -52,21 +145,26 @@ pub struct Parsed {
     pub outputs: Vec<OutputSpec>,
 }
 
-/// Checks the inputs and requested outputs of a ModelInfer request against
-/// the model and turns them into a batcher request. Raw bytes and typed FP32
-/// values are moved out of the request, not copied.
+/// Checks the inputs, requested outputs and parameters of a ModelInfer request against the model and turns
+/// them into a batcher request. Raw bytes and typed FP32 values are moved out of the request, not copied.
 pub fn parse(
     inputs: &mut [InferInputTensor],
     raw: Vec<Vec<u8>>,
     outputs: &[InferRequestedOutputTensor],
+    parameters: &HashMap<String, InferParameter>,
+    kind: Kind,
     config: &VersionConfig,
     max_batch_size: usize,
 ) -> Result<Parsed, InferError> {
+    let accepted = inputs_of(kind, config);
+    let described: Vec<String> = accepted
+        .iter()
+        .map(|i| format!("`{}` ({} {})", i.name, i.datatype, shape_text(&i.shape)))
+        .collect();
     let [input] = inputs else {
         return Err(invalid(format!(
-            "expected exactly one input, `{PIXELS}` (UINT8 {}) or `{INPUT}` (FP32 {}); got {}",
-            shape_text(&pixels_shape(config)),
-            shape_text(&input_shape(config)),
+            "expected exactly one input, {}; got {}",
+            described.join(" or "),
             inputs.len()
         )));
     };
@@ -86,33 +184,31 @@ pub fn parse(
         }
         raw.into_iter().next()
     };
-    let (expected_dtype, expected_shape) = match input.name.as_str() {
-        PIXELS => ("UINT8", pixels_shape(config)),
-        INPUT => ("FP32", input_shape(config)),
-        other => {
-            return Err(invalid(format!(
-                "unknown input `{other}`; this model takes `{PIXELS}` or `{INPUT}`"
-            )));
-        }
-    };
-    if input.datatype != expected_dtype {
+    let Some(expected) = accepted.iter().find(|i| i.name == input.name) else {
         return Err(invalid(format!(
-            "input `{}` must be {expected_dtype}, got `{}`",
-            input.name, input.datatype
+            "unknown input `{}`; this model takes {}",
+            input.name,
+            described.join(" or ")
+        )));
+    };
+    if input.datatype != expected.datatype {
+        return Err(invalid(format!(
+            "input `{}` must be {}, got `{}`",
+            input.name, expected.datatype, input.datatype
         )));
     }
-    let batch = check_shape(&input.name, &input.shape, &expected_shape, max_batch_size)?;
+    let batch = check_shape(&input.name, &input.shape, &expected.shape, max_batch_size)?;
     let count = batch
-        * expected_shape[1..]
+        * expected.shape[1..]
             .iter()
             .map(|d| *d as usize)
             .product::<usize>();
-    let images = match (input.name.as_str(), raw) {
-        (PIXELS, Some(bytes)) => {
+    let images = match (expected.datatype, raw) {
+        ("UINT8", Some(bytes)) => {
             check_len(&input.name, bytes.len(), count, 1)?;
             Images::Pixels(bytes)
         }
-        (PIXELS, None) => {
+        ("UINT8", None) => {
             let values = input
                 .contents
                 .as_ref()
@@ -125,7 +221,8 @@ pub fn parse(
                 .collect::<Result<Vec<u8>, _>>()
                 .map_err(|_| {
                     invalid(format!(
-                        "input `{PIXELS}` has a value above 255 in uint_contents"
+                        "input `{}` has a value above 255 in uint_contents",
+                        input.name
                     ))
                 })?;
             Images::Pixels(pixels)
@@ -149,26 +246,73 @@ pub fn parse(
         }
     };
     let outputs = if outputs.is_empty() {
-        vec![
-            OutputSpec {
-                output: Output::Logits,
+        Output::of(kind)
+            .iter()
+            .map(|&output| OutputSpec {
+                output,
                 classification: None,
-            },
-            OutputSpec {
-                output: Output::Probabilities,
-                classification: None,
-            },
-        ]
+            })
+            .collect()
     } else {
         outputs
             .iter()
-            .map(|o| parse_output(o, config.num_classes))
+            .map(|o| parse_output(o, kind, config.num_classes))
             .collect::<Result<_, _>>()?
     };
+    let selection = match kind {
+        Kind::Detection => parse_selection(parameters)?,
+        Kind::Classification => Selection::default(),
+    };
     Ok(Parsed {
-        request: Request { batch, images },
+        request: Request {
+            batch,
+            images,
+            selection,
+        },
         outputs,
     })
+}
+
+/// A detector's request parameters over their defaults. Other parameters (a client's `priority`, `timeout`,
+/// ...) are left alone, as Triton leaves them.
+fn parse_selection(parameters: &HashMap<String, InferParameter>) -> Result<Selection, InferError> {
+    let mut selection = Selection::default();
+    let number = |name: &str| -> Result<Option<f64>, InferError> {
+        let Some(p) = parameters.get(name) else {
+            return Ok(None);
+        };
+        match p.parameter_choice {
+            Some(ParameterChoice::DoubleParam(v)) => Ok(Some(v)),
+            Some(ParameterChoice::Int64Param(v)) => Ok(Some(v as f64)),
+            Some(ParameterChoice::Uint64Param(v)) => Ok(Some(v as f64)),
+            _ => Err(invalid(format!("parameter `{name}` must be a number"))),
+        }
+    };
+    if let Some(v) = number(SCORE_THRESHOLD)? {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(invalid(format!(
+                "parameter `{SCORE_THRESHOLD}` must be between 0 and 1, got {v}"
+            )));
+        }
+        selection.score_threshold = v as f32;
+    }
+    if let Some(v) = number(IOU_THRESHOLD)? {
+        if !(v > 0.0 && v <= 1.0) {
+            return Err(invalid(format!(
+                "parameter `{IOU_THRESHOLD}` must be above 0 and at most 1, got {v}"
+            )));
+        }
+        selection.iou_threshold = v as f32;
+    }
+    if let Some(v) = number(MAX_DETECTIONS)? {
+        if v.fract() != 0.0 || !(1.0..=MAX_DETECTIONS_LIMIT as f64).contains(&v) {
+            return Err(invalid(format!(
+                "parameter `{MAX_DETECTIONS}` must be an integer from 1 to {MAX_DETECTIONS_LIMIT}, got {v}"
+            )));
+        }
+        selection.max_detections = v as usize;
+    }
+    Ok(selection)
 }
 
 /// `[-1, H, W, 3]`: the pixels input as ModelMetadata describes it.
@@ -263,16 +407,29 @@ fn check_finite(values: Vec<f32>) -> Result<Vec<f32>, InferError> {
     }
 }
 
-fn parse_output(o: &InferRequestedOutputTensor, classes: usize) -> Result<OutputSpec, InferError> {
-    let output = match o.name.as_str() {
-        LOGITS => Output::Logits,
-        PROBABILITIES => Output::Probabilities,
-        other => {
-            return Err(invalid(format!(
-                "unknown output `{other}`; this model has `{LOGITS}` and `{PROBABILITIES}`"
-            )));
-        }
+fn parse_output(
+    o: &InferRequestedOutputTensor,
+    kind: Kind,
+    classes: usize,
+) -> Result<OutputSpec, InferError> {
+    let available = Output::of(kind);
+    let Some(&output) = available.iter().find(|out| out.name() == o.name) else {
+        let names: Vec<String> = available
+            .iter()
+            .map(|o| format!("`{}`", o.name()))
+            .collect();
+        return Err(invalid(format!(
+            "unknown output `{}`; this model has {}",
+            o.name,
+            names.join(", ")
+        )));
     };
+    if kind == Kind::Detection && o.parameters.contains_key(CLASSIFICATION) {
+        return Err(invalid(format!(
+            "output `{}` of a detector has no `{CLASSIFICATION}` parameter; it is for a classifier's outputs",
+            o.name
+        )));
+    }
     let classification = match o.parameters.get(CLASSIFICATION) {
         None => None,
         Some(p) => {
@@ -298,50 +455,119 @@ fn parse_output(o: &InferRequestedOutputTensor, classes: usize) -> Result<Output
     })
 }
 
-/// Builds the output tensors and their raw contents, in the requested order.
+/// Builds the output tensors and their raw contents, in the requested order. A detector's outputs have
+/// `max_detections` rows per image, zero past each image's `num_detections`, as EfficientNMS pads them.
 pub fn encode(
     outputs: &[OutputSpec],
     batch: usize,
     response: &Response,
     labels: &[String],
-) -> (Vec<InferOutputTensor>, Vec<Vec<u8>>) {
-    let classes = labels.len();
+    max_detections: usize,
+) -> Result<(Vec<InferOutputTensor>, Vec<Vec<u8>>), InferError> {
     outputs
         .iter()
-        .map(|spec| {
-            let values = match spec.output {
-                Output::Logits => &response.logits,
-                Output::Probabilities => &response.probabilities,
-            };
-            match spec.classification {
-                None => {
-                    let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                    (
-                        tensor(
-                            spec.output.name(),
-                            "FP32",
-                            vec![batch as i64, classes as i64],
-                        ),
-                        bytes,
-                    )
-                }
-                Some(k) => {
-                    let mut bytes = Vec::new();
-                    for row in values.chunks(classes.max(1)) {
-                        for (index, value) in top_k(row, k) {
-                            let text = format!("{value:.6}:{index}:{}", labels[index]);
-                            bytes.extend_from_slice(&(text.len() as u32).to_le_bytes());
-                            bytes.extend_from_slice(text.as_bytes());
-                        }
-                    }
-                    (
-                        tensor(spec.output.name(), "BYTES", vec![batch as i64, k as i64]),
-                        bytes,
-                    )
+        .map(|spec| match response {
+            Response::Classes {
+                logits,
+                probabilities,
+            } => encode_classes(spec, batch, logits, probabilities, labels),
+            Response::Detections(found) => encode_detections(spec.output, found, max_detections),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(|pairs| pairs.into_iter().unzip())
+}
+
+fn encode_classes(
+    spec: &OutputSpec,
+    batch: usize,
+    logits: &[f32],
+    probabilities: &[f32],
+    labels: &[String],
+) -> Result<(InferOutputTensor, Vec<u8>), InferError> {
+    let classes = labels.len();
+    let values = match spec.output {
+        Output::Logits => logits,
+        Output::Probabilities => probabilities,
+        other => return Err(mismatch(other)),
+    };
+    Ok(match spec.classification {
+        None => {
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (
+                tensor(
+                    spec.output.name(),
+                    "FP32",
+                    vec![batch as i64, classes as i64],
+                ),
+                bytes,
+            )
+        }
+        Some(k) => {
+            let mut bytes = Vec::new();
+            for row in values.chunks(classes.max(1)) {
+                for (index, value) in top_k(row, k) {
+                    let text = format!("{value:.6}:{index}:{}", labels[index]);
+                    bytes.extend_from_slice(&(text.len() as u32).to_le_bytes());
+                    bytes.extend_from_slice(text.as_bytes());
                 }
             }
-        })
-        .unzip()
+            (
+                tensor(spec.output.name(), "BYTES", vec![batch as i64, k as i64]),
+                bytes,
+            )
+        }
+    })
+}
+
+fn encode_detections(
+    output: Output,
+    found: &[Vec<Detection>],
+    k: usize,
+) -> Result<(InferOutputTensor, Vec<u8>), InferError> {
+    let n = found.len() as i64;
+    let kept = |image: &[Detection]| image.len().min(k);
+    let mut bytes = Vec::new();
+    let shape = match output {
+        Output::NumDetections => {
+            for image in found {
+                bytes.extend_from_slice(&(kept(image) as i32).to_le_bytes());
+            }
+            vec![n, 1]
+        }
+        Output::DetectionBoxes => {
+            for image in found {
+                for d in &image[..kept(image)] {
+                    bytes.extend(d.bbox.iter().flat_map(|v| v.to_le_bytes()));
+                }
+                bytes.resize(bytes.len() + (k - kept(image)) * 16, 0);
+            }
+            vec![n, k as i64, 4]
+        }
+        Output::DetectionScores | Output::DetectionClasses => {
+            for image in found {
+                for d in &image[..kept(image)] {
+                    let value = if output == Output::DetectionScores {
+                        d.score.to_le_bytes()
+                    } else {
+                        (d.class as i32).to_le_bytes()
+                    };
+                    bytes.extend_from_slice(&value);
+                }
+                bytes.resize(bytes.len() + (k - kept(image)) * 4, 0);
+            }
+            vec![n, k as i64]
+        }
+        other => return Err(mismatch(other)),
+    };
+    Ok((tensor(output.name(), output.datatype(), shape), bytes))
+}
+
+/// An output of one kind of model asked of the other's response: parse never lets one through.
+fn mismatch(output: Output) -> InferError {
+    InferError::Backend(crate::backend::BackendError::Inference(format!(
+        "output `{}` is not one this model produces",
+        output.name()
+    )))
 }
 
 fn tensor(name: &str, datatype: &str, shape: Vec<i64>) -> InferOutputTensor {
@@ -379,6 +605,7 @@ mod tests {
         VersionConfig {
             architecture: "efficientnet-lite0".into(),
             weights: "w".into(),
+            network: None,
             labels: "l".into(),
             num_classes: 4,
             input: InputSize {
@@ -404,6 +631,41 @@ mod tests {
         }
     }
 
+    /// Parses a request to the classifier of [`config`], without parameters, up to 4 images.
+    fn classify(
+        inputs: &mut [InferInputTensor],
+        raw: Vec<Vec<u8>>,
+        outputs: &[InferRequestedOutputTensor],
+    ) -> Result<Parsed, InferError> {
+        parse(
+            inputs,
+            raw,
+            outputs,
+            &none(),
+            Kind::Classification,
+            &config(),
+            4,
+        )
+    }
+
+    /// Parses a request of one 2x3 image in `images` to a detector, with `params`.
+    fn detect(params: &HashMap<String, InferParameter>) -> Result<Parsed, InferError> {
+        let mut images = [input(IMAGES, "UINT8", &[1, 2, 3, 3])];
+        parse(
+            &mut images,
+            vec![vec![0; 18]],
+            &[],
+            params,
+            Kind::Detection,
+            &config(),
+            4,
+        )
+    }
+
+    fn none() -> HashMap<String, InferParameter> {
+        HashMap::new()
+    }
+
     fn err(r: Result<Parsed, InferError>) -> String {
         match r {
             Err(InferError::InvalidArgument(m)) => m,
@@ -413,12 +675,10 @@ mod tests {
 
     #[test]
     fn raw_pixels_are_accepted_and_moved() {
-        let p = parse(
+        let p = classify(
             &mut [input(PIXELS, "UINT8", &[2, 2, 3, 3])],
             vec![vec![7; 36]],
             &[],
-            &config(),
-            4,
         )
         .unwrap();
         assert_eq!(p.request.batch, 2);
@@ -433,7 +693,7 @@ mod tests {
             fp32_contents: vec![0.5; 18],
             ..Default::default()
         });
-        let p = parse(&mut [t], vec![], &[], &config(), 4).unwrap();
+        let p = classify(&mut [t], vec![], &[]).unwrap();
         assert!(matches!(p.request.images, Images::Normalised(ref v) if v.len() == 18));
     }
 
@@ -462,12 +722,10 @@ mod tests {
             ("x", "UINT8", [1, 2, 3, 3], 18, &["unknown input `x`"]),
         ];
         for (name, dtype, shape, bytes, expected) in cases {
-            let m = err(parse(
+            let m = err(classify(
                 &mut [input(name, dtype, &shape)],
                 vec![vec![0; bytes]],
                 &[],
-                &config(),
-                4,
             ));
             for text in expected {
                 assert!(
@@ -476,7 +734,7 @@ mod tests {
                 );
             }
         }
-        let m = err(parse(&mut [], vec![], &[], &config(), 4));
+        let m = err(classify(&mut [], vec![], &[]));
         assert!(m.contains("exactly one input"), "{m}");
     }
 
@@ -487,7 +745,7 @@ mod tests {
             uint_contents: vec![0; 18],
             ..Default::default()
         });
-        let m = err(parse(&mut [t], vec![vec![0; 18]], &[], &config(), 4));
+        let m = err(classify(&mut [t], vec![vec![0; 18]], &[]));
         assert!(m.contains("mutually exclusive"), "{m}");
     }
 
@@ -500,7 +758,7 @@ mod tests {
             uint_contents: values,
             ..Default::default()
         });
-        assert!(err(parse(&mut [t], vec![], &[], &config(), 4)).contains("above 255"));
+        assert!(err(classify(&mut [t], vec![], &[])).contains("above 255"));
     }
 
     #[test]
@@ -510,7 +768,7 @@ mod tests {
             parameters: [(CLASSIFICATION.to_owned(), int64_param(k))].into(),
         };
         let t = || input(PIXELS, "UINT8", &[1, 2, 3, 3]);
-        let p = parse(&mut [t()], vec![vec![0; 18]], &[out(2)], &config(), 4).unwrap();
+        let p = classify(&mut [t()], vec![vec![0; 18]], &[out(2)]).unwrap();
         assert_eq!(
             p.outputs,
             [OutputSpec {
@@ -519,13 +777,7 @@ mod tests {
             }]
         );
         for k in [0, 5, -1] {
-            let m = err(parse(
-                &mut [t()],
-                vec![vec![0; 18]],
-                &[out(k)],
-                &config(),
-                4,
-            ));
+            let m = err(classify(&mut [t()], vec![vec![0; 18]], &[out(k)]));
             assert!(m.contains("from 1 to 4"), "{m}");
         }
     }
@@ -533,7 +785,7 @@ mod tests {
     #[test]
     fn classification_encodes_top_k_as_length_prefixed_strings() {
         let labels: Vec<String> = ["a", "b", "c", "d:e"].map(String::from).to_vec();
-        let response = Response {
+        let response = Response::Classes {
             logits: vec![0.0; 8],
             probabilities: vec![0.1, 0.2, 0.3, 0.4, 0.7, 0.1, 0.1, 0.1],
         };
@@ -541,7 +793,7 @@ mod tests {
             output: Output::Probabilities,
             classification: Some(2),
         }];
-        let (tensors, raw) = encode(&spec, 2, &response, &labels);
+        let (tensors, raw) = encode(&spec, 2, &response, &labels, 100).unwrap();
         assert_eq!(
             (tensors[0].datatype.as_str(), tensors[0].shape.as_slice()),
             ("BYTES", &[2i64, 2][..])
@@ -562,5 +814,140 @@ mod tests {
                 "0.100000:1:b"
             ]
         );
+    }
+
+    fn double(v: f64) -> InferParameter {
+        InferParameter {
+            parameter_choice: Some(ParameterChoice::DoubleParam(v)),
+        }
+    }
+
+    #[test]
+    fn a_detector_takes_images_and_its_selection_parameters() {
+        let t = || input(IMAGES, "UINT8", &[1, 2, 3, 3]);
+        let params: HashMap<String, InferParameter> = [
+            (SCORE_THRESHOLD.to_owned(), double(0.5)),
+            (IOU_THRESHOLD.to_owned(), double(0.3)),
+            (MAX_DETECTIONS.to_owned(), int64_param(7)),
+            ("priority".to_owned(), int64_param(1)),
+        ]
+        .into();
+        let p = detect(&params).unwrap();
+        assert_eq!(
+            p.request.selection,
+            Selection {
+                score_threshold: 0.5,
+                iou_threshold: 0.3,
+                max_detections: 7
+            }
+        );
+        let names: Vec<&str> = p.outputs.iter().map(|o| o.output.name()).collect();
+        assert_eq!(
+            names,
+            [
+                NUM_DETECTIONS,
+                DETECTION_BOXES,
+                DETECTION_SCORES,
+                DETECTION_CLASSES
+            ]
+        );
+        let defaults = detect(&none());
+        assert_eq!(defaults.unwrap().request.selection, Selection::default());
+
+        for (name, value, phrase) in [
+            (SCORE_THRESHOLD, double(1.5), "between 0 and 1"),
+            (IOU_THRESHOLD, double(0.0), "above 0"),
+            (MAX_DETECTIONS, int64_param(0), "from 1 to 1000"),
+            (MAX_DETECTIONS, double(2.5), "an integer"),
+            (MAX_DETECTIONS, int64_param(1001), "from 1 to 1000"),
+        ] {
+            let params = [(name.to_owned(), value)].into();
+            let m = err(detect(&params));
+            assert!(m.contains(name) && m.contains(phrase), "{m}");
+        }
+        // A classifier's input, or output, is not a detector's.
+        let m = err(parse(
+            &mut [input(PIXELS, "UINT8", &[1, 2, 3, 3])],
+            vec![vec![0; 18]],
+            &[],
+            &none(),
+            Kind::Detection,
+            &config(),
+            4,
+        ));
+        assert!(
+            m.contains("unknown input `pixels`") && m.contains("`images`"),
+            "{m}"
+        );
+        let logits = InferRequestedOutputTensor {
+            name: LOGITS.into(),
+            parameters: Default::default(),
+        };
+        let m = err(parse(
+            &mut [t()],
+            vec![vec![0; 18]],
+            &[logits],
+            &none(),
+            Kind::Detection,
+            &config(),
+            4,
+        ));
+        assert!(
+            m.contains("unknown output `logits`") && m.contains(DETECTION_BOXES),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn detections_encode_in_the_efficient_nms_layout_padded_to_max_detections() {
+        let box_ = |class, score, x| Detection {
+            class,
+            score,
+            bbox: [x, 1.0, x + 2.0, 3.0],
+        };
+        let response = Response::Detections(vec![
+            vec![box_(5, 0.9, 10.0), box_(2, 0.8, 20.0), box_(1, 0.7, 30.0)],
+            vec![],
+        ]);
+        let specs: Vec<OutputSpec> = Output::of(Kind::Detection)
+            .iter()
+            .map(|&output| OutputSpec {
+                output,
+                classification: None,
+            })
+            .collect();
+        let (tensors, raw) = encode(&specs, 2, &response, &[], 2).unwrap();
+        let shapes: Vec<(&str, &str, &[i64])> = tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.datatype.as_str(), t.shape.as_slice()))
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                (NUM_DETECTIONS, "INT32", &[2i64, 1][..]),
+                (DETECTION_BOXES, "FP32", &[2, 2, 4][..]),
+                (DETECTION_SCORES, "FP32", &[2, 2][..]),
+                (DETECTION_CLASSES, "INT32", &[2, 2][..]),
+            ]
+        );
+        let ints = |b: &[u8]| -> Vec<i32> {
+            b.chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        let floats = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        assert_eq!(ints(&raw[0]), [2, 0]);
+        assert_eq!(
+            floats(&raw[1]),
+            [
+                10.0, 1.0, 12.0, 3.0, 20.0, 1.0, 22.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+            ]
+        );
+        assert_eq!(floats(&raw[2]), [0.9, 0.8, 0.0, 0.0]);
+        assert_eq!(ints(&raw[3]), [5, 2, 0, 0]);
     }
 }

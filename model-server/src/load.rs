@@ -49,7 +49,7 @@ pub async fn load(source: Source<'_>, opts: &LoadOptions) -> Result<Loaded, Infe
         config,
         fingerprint,
     } = source;
-    let weights = dir.join(&config.weights);
+    let kind = backend::Kind::of(&config.architecture).map_err(InferError::Backend)?;
     let labels_path = dir.join(&config.labels);
     let instances = config.instances(opts.instances);
     let threads_per_instance = pools::threads_per_instance(opts.pools.threads(), instances);
@@ -83,12 +83,13 @@ pub async fn load(source: Source<'_>, opts: &LoadOptions) -> Result<Loaded, Infe
         .ok_or_else(|| load_error("no instance to run on"))?;
     let (device, dtype) = (opts.device.clone(), opts.dtype);
     let started = std::time::Instant::now();
-    let (arch, classes) = (config.architecture.clone(), config.num_classes);
-    let (classifier, labels) = tokio::task::spawn_blocking(move || {
+    let (version_config, version_dir) = (config.clone(), dir.to_path_buf());
+    let (model_impl, labels) = tokio::task::spawn_blocking(move || {
         let loaded = pool.install(|| {
-            let classifier = backend::load(&arch, &weights, &device, dtype)?;
-            let labels = repository::read_labels(&labels_path, classes).map_err(load_error)?;
-            Ok::<_, InferError>((classifier, labels))
+            let model = backend::load(&version_config, &version_dir, &device, dtype)?;
+            let labels = repository::read_labels(&labels_path, version_config.num_classes)
+                .map_err(load_error)?;
+            Ok::<_, InferError>((model, labels))
         });
         // The file's bytes and the conversion's temporaries are free now: a load leaves only the weights.
         crate::memory::release_free_pages_on(&pool);
@@ -115,7 +116,7 @@ pub async fn load(source: Source<'_>, opts: &LoadOptions) -> Result<Loaded, Infe
     // One copy of the weights, shared by every instance.
     let batcher = Batcher::spawn(
         spec,
-        Arc::from(classifier),
+        Arc::from(model_impl),
         &instance_pools,
         whole,
         opts.queue_size,
@@ -141,6 +142,7 @@ pub async fn load(source: Source<'_>, opts: &LoadOptions) -> Result<Loaded, Infe
     Ok(Loaded {
         batcher,
         labels: Arc::new(labels),
+        kind,
         config,
         fingerprint,
     })

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
+use crate::backend::Kind;
 use crate::batcher::Batcher;
 use crate::error::InferError;
 use crate::repository::{Fingerprint, VersionConfig};
@@ -17,6 +18,8 @@ use crate::stats::Stats;
 pub struct Loaded {
     pub batcher: Batcher,
     pub labels: Arc<Vec<String>>,
+    /// What it does with an image.
+    pub kind: Kind,
     /// The configuration it was loaded with.
     pub config: VersionConfig,
     /// The files it was loaded from, as they were.

@@ -66,6 +66,10 @@ pub struct VersionConfig {
     pub architecture: String,
     /// Weights file, relative to the version directory.
     pub weights: PathBuf,
+    /// The network's description, relative to the version directory, for architectures read from one
+    /// (a darknet cfg for `yolov3-tiny`).
+    #[serde(default)]
+    pub network: Option<PathBuf>,
     /// Labels file (one per line, in class order), relative to the version directory.
     pub labels: PathBuf,
     pub num_classes: usize,

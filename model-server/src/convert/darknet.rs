@@ -379,6 +379,32 @@ impl Network {
         if reader.take(seen_bytes).is_none() {
             return Err(header(12 + seen_bytes));
         }
+        let convs = self.convolutions(|layer, part, count| {
+            reader.f32s(count).ok_or(DarknetError::Truncated {
+                layer,
+                kind: "convolutional",
+                part: part.description(),
+                needed: count * 4,
+                available: reader.remaining(),
+            })
+        })?;
+        if reader.remaining() > 0 {
+            return Err(DarknetError::TrailingBytes {
+                extra: reader.remaining(),
+                used: reader.offset,
+            });
+        }
+        Ok(convs)
+    }
+}
+
+impl Network {
+    /// The parameters of every convolutional layer, in the weights file's order, each part's `count` values
+    /// taken from `part`: whatever stores them, the cfg decides what there must be and how much.
+    pub fn convolutions(
+        &self,
+        mut part: impl FnMut(usize, Part, usize) -> Result<Vec<f32>, DarknetError>,
+    ) -> Result<Vec<ConvWeights>, DarknetError> {
         let channels = self.output_channels()?;
         let mut convs = Vec::new();
         for (index, layer) in self.layers.iter().enumerate() {
@@ -396,27 +422,18 @@ impl Network {
             } else {
                 channels[index - 1]
             };
-            let mut part = |part, count| {
-                reader.f32s(count).ok_or(DarknetError::Truncated {
-                    layer: index,
-                    kind: "convolutional",
-                    part,
-                    needed: count * 4,
-                    available: reader.remaining(),
-                })
-            };
-            let biases = part("biases", filters)?;
+            let biases = part(index, Part::Biases, filters)?;
             let batch_norm = if batch_normalize {
                 Some(BatchNorm {
-                    scales: part("batch-norm scales", filters)?,
-                    means: part("batch-norm means", filters)?,
-                    variances: part("batch-norm variances", filters)?,
+                    scales: part(index, Part::Scales, filters)?,
+                    means: part(index, Part::Means, filters)?,
+                    variances: part(index, Part::Variances, filters)?,
                 })
             } else {
                 None
             };
             let shape = [filters, input, size, size];
-            let kernel = part("kernel", shape.iter().product())?;
+            let kernel = part(index, Part::Kernel, shape.iter().product())?;
             convs.push(ConvWeights {
                 layer: index,
                 biases,
@@ -425,13 +442,67 @@ impl Network {
                 shape,
             });
         }
-        if reader.remaining() > 0 {
-            return Err(DarknetError::TrailingBytes {
-                extra: reader.remaining(),
-                used: reader.offset,
-            });
-        }
         Ok(convs)
+    }
+}
+
+/// One part of a convolutional layer's parameters, in the order the weights file stores them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Biases,
+    Scales,
+    Means,
+    Variances,
+    Kernel,
+}
+
+impl Part {
+    /// Every part, in file order.
+    pub const ALL: [Part; 5] = [
+        Part::Biases,
+        Part::Scales,
+        Part::Means,
+        Part::Variances,
+        Part::Kernel,
+    ];
+
+    /// What an error message calls it.
+    pub fn description(self) -> &'static str {
+        match self {
+            Part::Biases => "biases",
+            Part::Scales => "batch-norm scales",
+            Part::Means => "batch-norm means",
+            Part::Variances => "batch-norm variances",
+            Part::Kernel => "kernel",
+        }
+    }
+
+    /// The name of its tensor in a model repository's safetensors file: `<layer>.<key>`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Part::Biases => "biases",
+            Part::Scales => "scales",
+            Part::Means => "means",
+            Part::Variances => "variances",
+            Part::Kernel => "kernel",
+        }
+    }
+
+    /// The tensor name of this part of `layer`.
+    pub fn tensor_name(self, layer: usize) -> String {
+        format!("{layer}.{}", self.key())
+    }
+
+    /// This part of a layer's parameters, if it has it.
+    pub fn of(self, w: &ConvWeights) -> Option<&[f32]> {
+        let bn = w.batch_norm.as_ref();
+        match self {
+            Part::Biases => Some(&w.biases),
+            Part::Scales => bn.map(|b| b.scales.as_slice()),
+            Part::Means => bn.map(|b| b.means.as_slice()),
+            Part::Variances => bn.map(|b| b.variances.as_slice()),
+            Part::Kernel => Some(&w.kernel),
+        }
     }
 }
 
@@ -452,6 +523,32 @@ pub fn correct_yolov3_tiny_mask(network: &mut Network) -> bool {
     }
     second.mask = vec![1, 2, 3];
     true
+}
+
+/// `text`, a cfg, with the `mask` of its `head`-th `[yolo]` section (from 0) set to `mask`; `None` if that
+/// section has no `mask` line. Everything else, comments included, stays as it was.
+pub fn with_mask(text: &str, head: usize, mask: &[usize]) -> Option<String> {
+    let mut heads_seen = 0;
+    let mut replaced = false;
+    let mut out = String::with_capacity(text.len() + 8);
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            if trimmed == "[yolo]" {
+                heads_seen += 1;
+            }
+        } else if !replaced
+            && heads_seen == head + 1
+            && trimmed.split('=').next().map(str::trim) == Some("mask")
+        {
+            let values: Vec<String> = mask.iter().map(usize::to_string).collect();
+            out.push_str(&format!("mask = {}\n", values.join(",")));
+            replaced = true;
+            continue;
+        }
+        out.push_str(line);
+    }
+    replaced.then_some(out)
 }
 
 /// Reads a cfg file and its weights file.
@@ -556,6 +653,27 @@ stride=2
 [route]
 layers = -1, 0
 ";
+
+    #[test]
+    fn with_mask_rewrites_only_the_named_head() {
+        let text = TINY.replace(
+            "classes=2\n",
+            "classes=2\n\n[yolo]\nmask = 0,1\nanchors = 10,14,  23,27,  37,58\nclasses=2\n",
+        );
+        let edited = with_mask(&text, 1, &[1, 2]).unwrap();
+        let masks: Vec<Vec<usize>> = Network::parse(&edited)
+            .unwrap()
+            .layers
+            .into_iter()
+            .filter_map(|l| match l {
+                Layer::Yolo(head) => Some(head.mask),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(masks, [vec![0, 1], vec![1, 2]]);
+        assert!(edited.contains("# comment"));
+        assert_eq!(with_mask(&text, 2, &[0]), None);
+    }
 
     /// The bytes a weights file for [`TINY`] holds: header, then layer 0 (4 biases, 3x4 batch norm, 4x3x3x3
     /// kernel), then layer 2 (14 biases, 14x4x1x1 kernel).

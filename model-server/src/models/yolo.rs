@@ -237,9 +237,16 @@ impl Yolo {
         ))
     }
 
-    /// Runs the network on a batch and selects each image's detections: boxes in input pixels, highest
-    /// score first.
-    pub fn detect(&self, x: &Tensor, selection: &Selection) -> Result<Vec<Vec<Detection>>> {
+    /// Runs the network on a batch and selects each image's detections with that image's `selections` entry:
+    /// boxes in input pixels, highest score first.
+    pub fn detect(&self, x: &Tensor, selections: &[Selection]) -> Result<Vec<Vec<Detection>>> {
+        if selections.len() != x.dim(0)? {
+            bail!(
+                "yolo: {} selections for a batch of {}",
+                selections.len(),
+                x.dim(0)?
+            );
+        }
         let raw = self.forward(x)?;
         let rows = self
             .heads()
@@ -253,7 +260,8 @@ impl Yolo {
         let (n, _, values) = rows.dims3()?;
         let (width, height) = (self.network.width as f32, self.network.height as f32);
         (0..n)
-            .map(|i| {
+            .zip(selections)
+            .map(|(i, selection)| {
                 let image = rows.get(i)?.flatten_all()?.to_vec1::<f32>()?;
                 Ok(detections::select(&image, values, width, height, selection))
             })

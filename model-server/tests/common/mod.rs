@@ -40,14 +40,14 @@ pub fn python() -> PathBuf {
     python
 }
 
-/// A file of the official darknet YOLOv3-tiny release, which `scripts/fetch-darknet.sh` puts in `.cache/`.
+/// A file of the official darknet YOLOv3-tiny release, which `scripts/setup-model-repository.sh` puts in `.cache/`.
 pub fn darknet_file(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../.cache/yolov3-tiny")
         .join(name);
     assert!(
         path.is_file(),
-        "{} is missing: run scripts/fetch-darknet.sh",
+        "{} is missing: run scripts/setup-model-repository.sh",
         path.display()
     );
     path
@@ -63,6 +63,19 @@ pub fn model_repository() -> PathBuf {
         weights.is_file(),
         "{} is missing: create the model repository with scripts/setup-model-repository.sh",
         weights.display()
+    );
+    repo
+}
+
+/// The default repository, which must hold the detector `yolov3-tiny` (scripts/setup-model-repository.sh makes it
+/// unless told not to).
+pub fn detector_repository() -> PathBuf {
+    let repo = model_repository();
+    let config = repo.join("yolov3-tiny/1/config.json");
+    assert!(
+        config.is_file(),
+        "{} is missing: create the detector with scripts/setup-model-repository.sh (without --no-detector)",
+        config.display()
     );
     repo
 }
