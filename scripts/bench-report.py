@@ -310,15 +310,18 @@ def main():
     # 3. stack
     add("## 3. Gateway and model server together")
     add("")
-    add("`loadtest test` (GET `/test`: the gateway's built-in 600x400 JPEG) and `loadtest predict-url` (POST "
-        "`/predict` with the URL of a 500x375 JPEG that loadtest serves on loopback). Model time is the gateway's "
+    add("`loadtest test` (GET `/test`: the gateway's built-in 600x400 JPEG), `loadtest predict-url` (POST "
+        "`/predict` with the URL of a 500x375 JPEG that loadtest serves on loopback) and `loadtest predict-upload "
+        "--route detect` (POST `/detect` uploading the detector's four golden PNGs in turn, 400x300 to 741x500, "
+        "letterboxed to 416x416). Model time is the gateway's "
         "own `timings_ms.inference` (the gRPC call to the model tier, queueing included); the gateway's share is "
         "the client's p50 minus the p50 model time.")
     add("")
     add("| target | concurrency | requests | throughput req/s | p50 ms | p90 ms | p99 ms | p50 model ms | "
         "gateway share at p50 ms | errors |")
     add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, label in HTTP_TARGETS:
+    # The detector has no counterpart in the Python app: its runs are in this table only.
+    for name, label in HTTP_TARGETS + (("detect", "detect by upload (YOLOv3-tiny)"),):
         for c in (1, 10):
             run = load(f"stack-{name}-c{c}.json")
             model = server_p50(run, "inference")

@@ -5,7 +5,8 @@
 #      then the detector, YOLOv3-tiny, ours against OpenCV's dnn module on the official darknet files, 2 threads;
 #   2. the model server alone over gRPC under loadtest, concurrency 1, 4 and 16, batching off and on;
 #   3. gateway + model server under loadtest at concurrency 1 and 10, on /test and on predict-by-URL (a 500x375
-#      JPEG served from loopback), with the gateway's own share of the latency;
+#      JPEG served from loopback), with the gateway's own share of the latency, and on /detect (the detector's
+#      golden photos uploaded);
 #      then /test again with the other layout: one instance of every thread, batches of up to 8 (--instances 1);
 #   4. peak RSS of each server, and the model server's cold start to ready;
 #   5. wrk against /test at concurrency 10, to check (3) with a load generator we did not write;
@@ -93,7 +94,6 @@ fi
 cargo bench --locked "${cargo_profile[@]}" --workspace --bench inference --no-run
 MAKE_MODEL_REPOSITORY="$bin_dir/make-model-repository" scripts/setup-model-repository.sh
 export MODEL_REPOSITORY="$root/model-repository"
-scripts/fetch-darknet.sh
 
 # ---- machine --------------------------------------------------------------------------------------------------
 # The CPU as lscpu names it, its cache sizes, and the instruction-set extensions the kernels (ours and onnxruntime's)
@@ -270,6 +270,11 @@ EOF
 start_model_server
 start_gateway
 http_runs "$gateway" stack stack
+for c in 1 10; do
+    say "stack: detect by upload, concurrency $c"
+    loadtest predict-upload --route detect --gateway "$gateway" --images testdata/yolo/images --concurrency "$c" \
+        >"$work/results/stack-detect-c$c.json"
+done
 printf '{"peak_rss_kib": %s}\n' "$(peak_rss_kib "$gw_pid")" >"$work/results/rss-gateway.json"
 printf '{"peak_rss_kib": %s}\n' "$(peak_rss_kib "$ms_pid")" >"$work/results/rss-model-server-stack.json"
 stop "$gw_pid"

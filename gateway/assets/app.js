@@ -20,6 +20,13 @@ const TITLES = {
 const $ = (id) => document.getElementById(id);
 let previewUrl = null;
 
+// Each mode: its route, what the page says while waiting, and how it shows an answer.
+const MODES = {
+  classify: { route: "/predict", waiting: "Classifying…", title: "Top predictions", ok: (b) => Array.isArray(b.predictions) },
+  detect: { route: "/detect", waiting: "Looking for objects…", title: "Objects found", ok: (b) => Array.isArray(b.detections) },
+};
+const mode = () => ($("mode-detect").checked ? "detect" : "classify");
+
 function showError(text) {
   $("error").textContent = text;
   $("error").hidden = false;
@@ -34,7 +41,45 @@ function showPreview(src) {
   $("preview").src = src;
 }
 
-function render(answer) {
+// Boxes over the photo, placed in percent of its size so they follow the displayed size, and a list beside it.
+function renderDetections(answer) {
+  const boxes = $("boxes");
+  const list = $("detections");
+  boxes.replaceChildren();
+  list.replaceChildren();
+  const { width, height } = answer.image;
+  answer.detections.forEach((d, i) => {
+    const hue = (i * 67) % 360;
+    const box = document.createElement("div");
+    box.className = "box";
+    box.style.left = (d.box.x1 / width) * 100 + "%";
+    box.style.top = (d.box.y1 / height) * 100 + "%";
+    box.style.width = ((d.box.x2 - d.box.x1) / width) * 100 + "%";
+    box.style.height = ((d.box.y2 - d.box.y1) / height) * 100 + "%";
+    box.style.setProperty("--hue", hue);
+    const tag = document.createElement("span");
+    tag.className = "tag";
+    tag.textContent = `${d.label} ${(d.score * 100).toFixed(0)} %`;
+    box.append(tag);
+    boxes.append(box);
+    const item = document.createElement("li");
+    item.style.setProperty("--hue", hue);
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = d.label;
+    const score = document.createElement("span");
+    score.textContent = (d.score * 100).toFixed(1) + " %";
+    item.append(label, score);
+    list.append(item);
+  });
+  if (answer.detections.length === 0) {
+    const item = document.createElement("li");
+    item.textContent = "No objects found.";
+    list.append(item);
+  }
+}
+
+function renderPredictions(answer) {
   const list = $("predictions");
   list.replaceChildren();
   for (const p of answer.predictions) {
@@ -53,6 +98,16 @@ function render(answer) {
     item.append(row, bar);
     list.append(item);
   }
+}
+
+function render(answer, asked) {
+  const detecting = asked === "detect";
+  $("answer-title").textContent = MODES[asked].title;
+  $("predictions").hidden = detecting;
+  $("detections").hidden = !detecting;
+  $("boxes").replaceChildren();
+  if (detecting) renderDetections(answer);
+  else renderPredictions(answer);
   const timings = $("timings");
   timings.replaceChildren();
   for (const [phase, ms] of Object.entries(answer.timings_ms)) {
@@ -67,12 +122,13 @@ function render(answer) {
   $("status").textContent = "Done.";
 }
 
-async function classify(init) {
+async function send(init) {
+  const asked = mode();
   $("error").hidden = true;
-  $("status").textContent = "Classifying…";
+  $("status").textContent = MODES[asked].waiting;
   let response;
   try {
-    response = await fetch("/predict", { method: "POST", ...init });
+    response = await fetch(MODES[asked].route, { method: "POST", ...init });
   } catch (e) {
     showError("Could not reach the server. Check your connection and try again.");
     return;
@@ -83,8 +139,8 @@ async function classify(init) {
   } catch (e) {
     // Fall through to the generic message below.
   }
-  if (response.ok && body && Array.isArray(body.predictions)) {
-    render(body);
+  if (response.ok && body && MODES[asked].ok(body)) {
+    render(body, asked);
   } else if (body && body.error) {
     const title = TITLES[body.error.code] || "Something went wrong.";
     showError(`${title} ${body.error.message}`);
@@ -93,15 +149,15 @@ async function classify(init) {
   }
 }
 
-function classifyFile(file) {
+function sendFile(file) {
   if (!file) return;
   showPreview(URL.createObjectURL(file));
   const form = new FormData();
   form.append("image", file);
-  classify({ body: form });
+  send({ body: form });
 }
 
-$("file").addEventListener("change", (e) => classifyFile(e.target.files[0]));
+$("file").addEventListener("change", (e) => sendFile(e.target.files[0]));
 
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
@@ -109,7 +165,7 @@ drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => {
   e.preventDefault();
   drop.classList.remove("over");
-  classifyFile(e.dataTransfer.files[0]);
+  sendFile(e.dataTransfer.files[0]);
 });
 
 $("url-form").addEventListener("submit", (e) => {
@@ -120,5 +176,5 @@ $("url-form").addEventListener("submit", (e) => {
     return;
   }
   showPreview(url);
-  classify({ headers: { "content-type": "application/json" }, body: JSON.stringify({ url }) });
+  send({ headers: { "content-type": "application/json" }, body: JSON.stringify({ url }) });
 });

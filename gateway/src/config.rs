@@ -59,7 +59,11 @@ pub struct Config {
     #[arg(long, env = "DEFAULT_MODEL", default_value = "efficientnet-lite0")]
     pub default_model: String,
 
-    /// Model version used when a request names none (a positive integer); empty follows the newest
+    /// Detector used when a detect request names none.
+    #[arg(long, env = "DEFAULT_DETECTION_MODEL", default_value = "yolov3-tiny")]
+    pub default_detection_model: String,
+
+    /// Model version used when a predict request names none (a positive integer); empty follows the newest
     /// version the model tier serves, taking up a new one within the metadata TTL.
     #[arg(long, env = "MODEL_VERSION", default_value = "")]
     pub model_version: String,
@@ -208,6 +212,7 @@ mod tests {
         assert_eq!(config.listen.port(), 8080);
         assert_eq!(config.model_server, "http://localhost:8001");
         assert_eq!(config.default_model, "efficientnet-lite0");
+        assert_eq!(config.default_detection_model, "yolov3-tiny");
         assert!(config.validate().unwrap().is_empty());
         assert_eq!(
             config.recipe_for("efficientnet-lite0"),

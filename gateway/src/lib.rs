@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod decode;
+pub mod detect;
 pub mod error;
 pub mod fetch;
 pub mod metrics;

@@ -17,8 +17,37 @@ use serde::Serialize;
 pub use discovery::{Resolve, SystemResolver, Target};
 pub use grpc::{ClientOptions, GrpcModelClient};
 
+/// What a model does with an image, as its metadata shows: a detector's outputs are EfficientNMS's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Scores classes: served by `POST /predict`.
+    #[default]
+    Classification,
+    /// Finds boxes: served by `POST /detect`.
+    Detection,
+}
+
+impl ModelKind {
+    /// The gateway route for this kind of model.
+    pub fn route(self) -> &'static str {
+        match self {
+            ModelKind::Classification => "POST /predict",
+            ModelKind::Detection => "POST /detect",
+        }
+    }
+
+    /// What this kind of model is called in messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            ModelKind::Classification => "a classifier",
+            ModelKind::Detection => "a detector",
+        }
+    }
+}
+
 /// What the gateway must know about a model to feed it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelSpec {
     /// Model name.
     pub name: String,
@@ -37,6 +66,10 @@ pub struct ModelSpec {
     pub output: String,
     /// Number of classes, when the metadata says.
     pub classes: Option<u32>,
+    /// Classifier or detector.
+    pub kind: ModelKind,
+    /// A detector's class names, in class order, from its ModelConfig (a classifier's come with each answer).
+    pub labels: Arc<Vec<String>>,
 }
 
 /// One classification request to the model tier.
@@ -50,6 +83,43 @@ pub struct ClassifyRequest {
     pub top_k: u32,
     /// Passed on for correlating logs.
     pub request_id: String,
+}
+
+/// One detection request to the model tier.
+#[derive(Debug, Clone)]
+pub struct DetectRequest {
+    /// The model as described by its metadata.
+    pub spec: Arc<ModelSpec>,
+    /// `height * width * 3` RGB bytes, letterboxed.
+    pub pixels: Vec<u8>,
+    /// Lowest score kept; the model's default when absent.
+    pub min_score: Option<f32>,
+    /// Passed on for correlating logs.
+    pub request_id: String,
+}
+
+/// One box a detector found, in the model input's pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetectedBox {
+    /// Class index in the model's labels.
+    pub class_id: i64,
+    /// Human-readable class name.
+    pub label: String,
+    /// Confidence.
+    pub score: f32,
+    /// x1, y1, x2, y2.
+    pub bbox: [f32; 4],
+}
+
+/// The model tier's answer to a detection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detections {
+    /// Model that answered.
+    pub model: String,
+    /// Version that answered.
+    pub version: String,
+    /// Highest score first.
+    pub boxes: Vec<DetectedBox>,
 }
 
 /// One class of a prediction.
@@ -163,11 +233,43 @@ pub trait ModelClient: Send + Sync + 'static {
     async fn ready(&self, model: &str, version: &str) -> Result<bool, ModelError>;
     /// Runs one image through the model and returns the `top_k` classes.
     async fn classify(&self, request: ClassifyRequest) -> Result<Classification, ModelError>;
+    /// Runs one letterboxed image through a detector and returns its boxes.
+    async fn detect(&self, request: DetectRequest) -> Result<Detections, ModelError> {
+        Err(ModelError::Unsupported(format!(
+            "this model tier cannot run the detector {}",
+            request.spec.name
+        )))
+    }
     /// Every model version the model tier has, in whatever state.
     async fn repository(&self) -> Result<Vec<RepositoryEntry>, ModelError>;
     /// Metrics of the transport (retries, errors, replicas) for the gateway's registry; none by default.
     fn collectors(&self) -> Result<Vec<Box<dyn prometheus::core::Collector>>, prometheus::Error> {
         Ok(Vec::new())
+    }
+}
+
+/// A request [`ModelCatalog::run`] sends: what the model tier answers it with.
+#[async_trait]
+pub trait Call: Send {
+    /// The model tier's answer.
+    type Answer;
+    /// Sends the request with `client`.
+    async fn send(self, client: &dyn ModelClient) -> Result<Self::Answer, ModelError>;
+}
+
+#[async_trait]
+impl Call for ClassifyRequest {
+    type Answer = Classification;
+    async fn send(self, client: &dyn ModelClient) -> Result<Classification, ModelError> {
+        client.classify(self).await
+    }
+}
+
+#[async_trait]
+impl Call for DetectRequest {
+    type Answer = Detections;
+    async fn send(self, client: &dyn ModelClient) -> Result<Detections, ModelError> {
+        client.detect(self).await
     }
 }
 
@@ -219,24 +321,25 @@ impl ModelCatalog {
         Ok(spec)
     }
 
-    /// Runs one classification of `model` at `version` ("" for the newest served), starting from `spec`
-    /// as [`spec`](Self::spec) gave it; `build` makes the request for a spec, pixels sized for it. When the
-    /// catalog chose the version and the model tier says it is gone (NOT_FOUND) or going (UNAVAILABLE),
-    /// the metadata is fetched again and the call made once more, on the version it names then. A version
-    /// the caller named is not retried: its NOT_FOUND is the answer.
-    pub async fn classify<E, F, Fut>(
+    /// Runs one call of `model` at `version` ("" for the newest served), starting from `spec` as
+    /// [`spec`](Self::spec) gave it; `build` makes the request (a [`ClassifyRequest`] or a [`DetectRequest`])
+    /// for a spec, pixels sized for it. When the catalog chose the version and the model tier says it is gone
+    /// (NOT_FOUND) or going (UNAVAILABLE), the metadata is fetched again and the call made once more, on the
+    /// version it names then. A version the caller named is not retried: its NOT_FOUND is the answer.
+    pub async fn run<Q, E, F, Fut>(
         &self,
         model: &str,
         version: &str,
         spec: Arc<ModelSpec>,
         mut build: F,
-    ) -> Result<Classification, E>
+    ) -> Result<Q::Answer, E>
     where
+        Q: Call,
         E: From<ModelError>,
         F: FnMut(Arc<ModelSpec>) -> Fut,
-        Fut: Future<Output = Result<ClassifyRequest, E>>,
+        Fut: Future<Output = Result<Q, E>>,
     {
-        let error = match self.client.classify(build(spec.clone()).await?).await {
+        let error = match build(spec.clone()).await?.send(&*self.client).await {
             Ok(answer) => return Ok(answer),
             Err(error) => error,
         };
@@ -249,7 +352,7 @@ impl ModelCatalog {
         }
         tracing::info!(model, version = %spec.version, %error, "the version in use is gone or going; trying the newest served");
         let fresh = self.spec(model, version).await?;
-        Ok(self.client.classify(build(fresh).await?).await?)
+        Ok(build(fresh).await?.send(&*self.client).await?)
     }
 
     /// Drops the entry of `model` at `version` if it names the same version as `stale`: an entry another
@@ -297,6 +400,7 @@ mod tests {
                 width: 2,
                 output: "probabilities".into(),
                 classes: None,
+                ..Default::default()
             })
         }
         async fn ready(&self, _: &str, _: &str) -> Result<bool, ModelError> {
@@ -386,6 +490,7 @@ mod tests {
                 width: described as u32 * 10,
                 output: "probabilities".into(),
                 classes: Some(10),
+                ..Default::default()
             })
         }
         async fn ready(&self, _: &str, _: &str) -> Result<bool, ModelError> {
@@ -430,7 +535,7 @@ mod tests {
 
     async fn classify(catalog: &ModelCatalog, version: &str) -> Result<Classification, ModelError> {
         let spec = catalog.spec("m", version).await?;
-        catalog.classify("m", version, spec, sized).await
+        catalog.run("m", version, spec, sized).await
     }
 
     #[test]
@@ -511,7 +616,7 @@ mod tests {
         let refreshed = catalog.spec("m", "").await.unwrap();
         assert!(!Arc::ptr_eq(&held, &refreshed));
         tier.serve(&[2]);
-        let answer = catalog.classify("m", "", held, sized).await.unwrap();
+        let answer = catalog.run("m", "", held, sized).await.unwrap();
         assert_eq!(answer.version, "2");
         assert_eq!(tier.asked(), ["1", "2"]);
     }
@@ -534,7 +639,7 @@ mod tests {
         assert_eq!(classify(&catalog, "1").await.unwrap().version, "1");
         tier.serve(&[2]);
         let spec = catalog.spec("m", "1").await.unwrap();
-        let error = catalog.classify("m", "1", spec, sized).await.unwrap_err();
+        let error = catalog.run("m", "1", spec, sized).await.unwrap_err();
         assert!(matches!(error, ModelError::NotFound(_)), "{error:?}");
         assert_eq!(tier.asked(), ["1", "1"]);
         assert_eq!(tier.metadata_calls(), 1);

@@ -1,9 +1,10 @@
 //! One prediction: image bytes or URL in, classes and per-phase timings out.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use image::RgbImage;
 use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
@@ -11,7 +12,7 @@ use tracing::Instrument;
 use crate::AppState;
 use crate::decode::decode;
 use crate::error::ApiError;
-use crate::model_client::{ClassifyRequest, ModelSpec, Prediction};
+use crate::model_client::{ClassifyRequest, ModelKind, ModelSpec, Prediction};
 use crate::preprocess::preprocess;
 
 /// Where the image comes from.
@@ -33,8 +34,10 @@ pub struct PredictInput {
     /// Version, a positive decimal integer; the configured one when absent, and without either the newest
     /// the model tier serves.
     pub version: Option<String>,
-    /// Classes wanted; the configured default when absent.
+    /// Classes wanted; the configured default when absent. Classification only.
     pub top_k: Option<u32>,
+    /// Lowest score of a box returned; the model's default when absent. Detection only.
+    pub min_score: Option<f32>,
 }
 
 /// The predict response body.
@@ -95,55 +98,38 @@ pub async fn predict(
 ) -> Result<PredictResponse, ApiError> {
     let started = Instant::now();
     let config = &state.config;
-
-    let model = input
-        .model
-        .filter(|m| !m.trim().is_empty())
-        .unwrap_or_else(|| config.default_model.clone());
-    let version = input
-        .version
-        .unwrap_or_else(|| config.model_version.clone());
+    if input.min_score.is_some() {
+        return Err(ApiError::BadRequest(
+            "min_score is for detectors (POST /detect); POST /predict takes top_k".into(),
+        ));
+    }
+    let (model, version) = resolve_model(&input, &config.default_model, &config.model_version);
     let spec = state.catalog.spec(&model, &version).await?;
+    check_kind(&spec, ModelKind::Classification)?;
     // Checked before the image is fetched, so a wrong request costs no download.
     top_k_for(&spec, input.top_k, config.default_top_k)?;
 
     let mut timings = Timings::default();
-    let bytes = match input.source {
-        ImageSource::Bytes(bytes) => bytes,
-        ImageSource::Url(url) => {
-            let t = Instant::now();
-            let bytes = state
-                .fetcher
-                .fetch(&url)
-                .instrument(tracing::info_span!("fetch"))
-                .await?;
-            state.metrics.phase("fetch", t.elapsed());
-            state.metrics.fetched(bytes.len());
-            timings.fetch = ms(t.elapsed());
-            bytes
-        }
-    };
+    let bytes = fetch_image(state, input.source, &mut timings).await?;
 
-    // The catalog asks for a second request when the version is replaced under the first, maybe at
-    // another size; the time spent preparing is kept apart from the model tier's.
-    let prepared = Mutex::new(Prepared::default());
+    let phases = Phases::default();
     let t = Instant::now();
     let classification = state
         .catalog
-        .classify(&model, &version, spec, |spec| {
-            let (bytes, prepared) = (bytes.clone(), &prepared);
+        .run(&model, &version, spec, |spec| {
+            let (bytes, phases) = (bytes.clone(), &phases);
             let requested_k = input.top_k;
             async move {
                 let t = Instant::now();
                 let top_k = top_k_for(&spec, requested_k, config.default_top_k)?;
-                let (pixels, decode_time, preprocess_time) =
-                    prepare(state, bytes, spec.clone()).await?;
-                state.metrics.phase("decode", decode_time);
-                state.metrics.phase("preprocess", preprocess_time);
-                let mut prepared = lock(prepared);
-                prepared.decode += decode_time;
-                prepared.preprocess += preprocess_time;
-                prepared.total += t.elapsed();
+                let recipe = config.recipe_for(&spec.name);
+                let (height, width) = (spec.height, spec.width);
+                let (pixels, decode_time, preprocess_time) = prepare(state, bytes, move |image| {
+                    preprocess(image, recipe, height, width)
+                        .map_err(|e| ApiError::Internal(e.to_string()))
+                })
+                .await?;
+                phases.record(state, decode_time, preprocess_time, t.elapsed());
                 Ok::<_, ApiError>(ClassifyRequest {
                     spec,
                     pixels,
@@ -153,14 +139,7 @@ pub async fn predict(
             }
         })
         .await?;
-    let prepared = *lock(&prepared);
-    let inference = t.elapsed().saturating_sub(prepared.total);
-    timings.decode = ms(prepared.decode);
-    timings.preprocess = ms(prepared.preprocess);
-    state.metrics.phase("inference", inference);
-    timings.inference = ms(inference);
-    state.metrics.phase("total", started.elapsed());
-    timings.total = ms(started.elapsed());
+    phases.finish(state, t, started, &mut timings);
 
     Ok(PredictResponse {
         model: ModelRef {
@@ -171,6 +150,61 @@ pub async fn predict(
         timings_ms: timings,
         request_id: request_id.to_owned(),
     })
+}
+
+/// The model and version a request names, or its route's defaults ("" for the newest version served).
+pub(crate) fn resolve_model(
+    input: &PredictInput,
+    default_model: &str,
+    default_version: &str,
+) -> (String, String) {
+    let model = input
+        .model
+        .clone()
+        .filter(|m| !m.trim().is_empty())
+        .unwrap_or_else(|| default_model.to_owned());
+    let version = input
+        .version
+        .clone()
+        .unwrap_or_else(|| default_version.to_owned());
+    (model, version)
+}
+
+/// A clear 400 when the model is not the kind the route serves, naming the route that serves it.
+pub(crate) fn check_kind(spec: &ModelSpec, wanted: ModelKind) -> Result<(), ApiError> {
+    if spec.kind == wanted {
+        return Ok(());
+    }
+    Err(ApiError::BadRequest(format!(
+        "model `{}` is {}: send it to {}, not {}",
+        spec.name,
+        spec.kind.noun(),
+        spec.kind.route(),
+        wanted.route()
+    )))
+}
+
+/// The image's bytes: as sent, or fetched from its URL (timed in `timings.fetch`).
+pub(crate) async fn fetch_image(
+    state: &AppState,
+    source: ImageSource,
+    timings: &mut Timings,
+) -> Result<Bytes, ApiError> {
+    match source {
+        ImageSource::Bytes(bytes) => Ok(bytes),
+        ImageSource::Url(url) => {
+            let t = Instant::now();
+            let bytes = state
+                .fetcher
+                .fetch(&url)
+                .instrument(tracing::info_span!("fetch"))
+                .await?;
+            state.metrics.phase("fetch", t.elapsed());
+            state.metrics.fetched(bytes.len());
+            timings.fetch = ms(t.elapsed());
+            Ok(bytes)
+        }
+    }
 }
 
 /// Classes to return for `spec`: the request's `top_k`, or the default capped at the class count.
@@ -194,20 +228,67 @@ struct Prepared {
     total: Duration,
 }
 
-fn lock(prepared: &Mutex<Prepared>) -> std::sync::MutexGuard<'_, Prepared> {
-    // Plain durations: a panicking holder leaves nothing inconsistent.
-    prepared
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// The phases of one request to the model tier. The catalog asks for a second request when the version is
+/// replaced under the first, maybe at another size; the time spent preparing is kept apart from the model
+/// tier's.
+#[derive(Debug, Default)]
+pub(crate) struct Phases(Mutex<Prepared>);
+
+impl Phases {
+    /// Counts one preparation: decoding, preprocessing, and both with the wait for a worker.
+    pub(crate) fn record(
+        &self,
+        state: &AppState,
+        decode: Duration,
+        preprocess: Duration,
+        total: Duration,
+    ) {
+        state.metrics.phase("decode", decode);
+        state.metrics.phase("preprocess", preprocess);
+        let mut prepared = self.lock();
+        prepared.decode += decode;
+        prepared.preprocess += preprocess;
+        prepared.total += total;
+    }
+
+    /// Fills `timings` for a call to the model tier started at `call` by a request started at `started`.
+    pub(crate) fn finish(
+        &self,
+        state: &AppState,
+        call: Instant,
+        started: Instant,
+        timings: &mut Timings,
+    ) {
+        let prepared = *self.lock();
+        let inference = call.elapsed().saturating_sub(prepared.total);
+        timings.decode = ms(prepared.decode);
+        timings.preprocess = ms(prepared.preprocess);
+        state.metrics.phase("inference", inference);
+        timings.inference = ms(inference);
+        state.metrics.phase("total", started.elapsed());
+        timings.total = ms(started.elapsed());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Prepared> {
+        // Plain durations: a panicking holder leaves nothing inconsistent.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
-/// Decodes and preprocesses on the blocking pool, at most `max_concurrent_images` at a time, so big
-/// images neither stall the async workers nor use unbounded memory.
-async fn prepare(
+/// Decodes and then runs `step` (the model's preprocessing) on the blocking pool, at most
+/// `max_concurrent_images` at a time, so big images neither stall the async workers nor use unbounded memory.
+/// Returns what `step` made, and the time decoding and `step` took.
+pub(crate) async fn prepare<T, F>(
     state: &AppState,
     bytes: Bytes,
-    spec: Arc<ModelSpec>,
-) -> Result<(Vec<u8>, Duration, Duration), ApiError> {
+    step: F,
+) -> Result<(T, Duration, Duration), ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&RgbImage) -> Result<T, ApiError> + Send + 'static,
+{
     let permit = state
         .images
         .clone()
@@ -215,7 +296,6 @@ async fn prepare(
         .await
         .map_err(|_| ApiError::Internal("image workers shut down".into()))?;
     let max_pixels = state.config.max_image_pixels;
-    let recipe = state.config.recipe_for(&spec.name);
     let in_flight = state.metrics.image_started();
     let parent = tracing::Span::current();
     let result = tokio::task::spawn_blocking(move || {
@@ -225,10 +305,8 @@ async fn prepare(
             .in_scope(|| decode(&bytes, max_pixels))?;
         let decode_time = t.elapsed();
         let t = Instant::now();
-        let pixels = tracing::info_span!(parent: &parent, "preprocess")
-            .in_scope(|| preprocess(&image, recipe, spec.height, spec.width))
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        Ok::<_, ApiError>((pixels, decode_time, t.elapsed()))
+        let made = tracing::info_span!(parent: &parent, "preprocess").in_scope(|| step(&image))?;
+        Ok::<_, ApiError>((made, decode_time, t.elapsed()))
     })
     .await;
     drop(in_flight);

@@ -98,6 +98,68 @@ pub fn preprocess(
     Ok(dst.into_vec())
 }
 
+/// Where a letterboxed image sits in the model's input: input pixels are `offset + scale * original`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Letterbox {
+    /// Input pixels per original pixel.
+    pub scale: f64,
+    /// Left edge of the image in the input.
+    pub dx: u32,
+    /// Top edge of the image in the input.
+    pub dy: u32,
+}
+
+impl Letterbox {
+    /// A box in input pixels (x1, y1, x2, y2) mapped back to the original image's pixels, clipped to its
+    /// `width` x `height`.
+    pub fn to_original(&self, bbox: [f32; 4], width: u32, height: u32) -> [f64; 4] {
+        let x = |v: f32| {
+            ((f64::from(v) - f64::from(self.dx)) / self.scale).clamp(0.0, f64::from(width))
+        };
+        let y = |v: f32| {
+            ((f64::from(v) - f64::from(self.dy)) / self.scale).clamp(0.0, f64::from(height))
+        };
+        [x(bbox[0]), y(bbox[1]), x(bbox[2]), y(bbox[3])]
+    }
+}
+
+/// The grey darknet's detectors were trained to see around a letterboxed image.
+pub const LETTERBOX_FILL: u8 = 128;
+
+/// Fits the whole image into `height` x `width` with its aspect ratio kept: scaled by
+/// `s = min(width / w, height / h)` to `round(w * s)` x `round(h * s)` with a bilinear filter (Pillow's
+/// BILINEAR, support scaled when shrinking), centred on a canvas of `fill` grey, offsets rounded down. Returns
+/// `height * width * 3` bytes, row-major HWC RGB, and where the image landed.
+pub fn letterbox(
+    image: &RgbImage,
+    height: u32,
+    width: u32,
+    fill: u8,
+) -> Result<(Vec<u8>, Letterbox), PreprocessError> {
+    let (w, h) = image.dimensions();
+    let scale = (f64::from(width) / f64::from(w)).min(f64::from(height) / f64::from(h));
+    // Python's round(), as the reference recipe uses it: halves to even.
+    let fit = |side: u32, limit: u32| {
+        ((f64::from(side) * scale).round_ties_even() as u32).clamp(1, limit)
+    };
+    let (nw, nh) = (fit(w, width), fit(h, height));
+    let src = ImageRef::new(w, h, image.as_raw(), PixelType::U8x3)
+        .map_err(|e| PreprocessError(e.to_string()))?;
+    let mut resized = Image::new(nw, nh, PixelType::U8x3);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    Resizer::new()
+        .resize(&src, &mut resized, &options)
+        .map_err(|e| PreprocessError(e.to_string()))?;
+    let (dx, dy) = ((width - nw) / 2, (height - nh) / 2);
+    let mut canvas = vec![fill; width as usize * height as usize * 3];
+    let row_bytes = nw as usize * 3;
+    for (row, line) in resized.buffer().chunks_exact(row_bytes).enumerate() {
+        let start = ((dy as usize + row) * width as usize + dx as usize) * 3;
+        canvas[start..start + row_bytes].copy_from_slice(line);
+    }
+    Ok((canvas, Letterbox { scale, dx, dy }))
+}
+
 fn crop(image: &RgbImage, left: u32, top: u32, width: u32, height: u32) -> Vec<u8> {
     let stride = image.width() as usize * 3;
     let mut out = Vec::with_capacity(width as usize * height as usize * 3);
@@ -153,5 +215,30 @@ mod tests {
         let image = RgbImage::from_pixel(1, 1, image::Rgb([9, 8, 7]));
         let pixels = preprocess(&image, Recipe::default(), 4, 4).unwrap();
         assert!(pixels.chunks(3).all(|p| p == [9, 8, 7]));
+    }
+
+    #[test]
+    fn letterbox_centres_the_image_on_grey_and_maps_boxes_back() {
+        // 400x300 into 416x416: s = 1.04, 416x312 at (0, 52).
+        let image = RgbImage::from_pixel(400, 300, image::Rgb([10, 20, 30]));
+        let (pixels, placed) = letterbox(&image, 416, 416, LETTERBOX_FILL).unwrap();
+        assert_eq!(pixels.len(), 416 * 416 * 3);
+        assert_eq!((placed.dx, placed.dy), (0, 52));
+        assert!((placed.scale - 1.04).abs() < 1e-12);
+        let at = |x: usize, y: usize| &pixels[(y * 416 + x) * 3..(y * 416 + x) * 3 + 3];
+        assert_eq!(at(200, 51), [128, 128, 128]);
+        assert_eq!(at(200, 52), [10, 20, 30]);
+        assert_eq!(at(415, 363), [10, 20, 30]);
+        assert_eq!(at(0, 364), [128, 128, 128]);
+        let back = placed.to_original([0.0, 52.0, 104.0, 500.0], 400, 300);
+        assert_eq!(back, [0.0, 0.0, 100.0, 300.0]);
+    }
+
+    #[test]
+    fn letterbox_of_a_sliver_keeps_one_pixel() {
+        let image = RgbImage::from_pixel(2000, 1, image::Rgb([1, 2, 3]));
+        let (pixels, placed) = letterbox(&image, 416, 416, 0).unwrap();
+        assert_eq!((placed.dx, placed.dy), (0, 207));
+        assert_eq!(&pixels[(207 * 416) * 3..(207 * 416) * 3 + 3], [1, 2, 3]);
     }
 }

@@ -1,4 +1,4 @@
-//! HTTP handlers: predict (JSON or multipart), the bundled test image, the model listing, health,
+//! HTTP handlers: predict and detect (JSON or multipart), the bundled test image, the model listing, health,
 //! readiness and metrics. Every route is fixed: nothing here forwards a call of the client's choosing to
 //! the model tier, so its control calls (loading, unloading) stay out of reach.
 
@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::AppState;
+use crate::detect::detect;
 use crate::error::ApiError;
 use crate::model_client::parse_version;
 use crate::models::ModelList;
@@ -39,6 +40,10 @@ pub fn router(state: &AppState) -> Router<AppState> {
             "/predict",
             post(predict_route).layer(DefaultBodyLimit::max(body_limit)),
         )
+        .route(
+            "/detect",
+            post(detect_route).layer(DefaultBodyLimit::max(body_limit)),
+        )
         .route("/test", get(test_route))
         .route("/v1/models", get(models_route))
         .route("/healthz", get(healthz))
@@ -55,6 +60,8 @@ struct PredictJson {
     url: Option<String>,
     image: Option<String>,
     top_k: Option<u32>,
+    /// Detection only.
+    min_score: Option<f32>,
     model: Option<String>,
     /// A string or a number; read by [`json_version`] so a wrong one gets a message saying what to send.
     version: Option<serde_json::Value>,
@@ -70,6 +77,16 @@ async fn predict_route(
     Ok(Json(predict(&state, input, &id).await?).into_response())
 }
 
+async fn detect_route(
+    State(state): State<AppState>,
+    Extension(RequestId(id)): Extension<RequestId>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let _admitted = admit(&state)?;
+    let input = parse_input(&state, request).await?;
+    Ok(Json(detect(&state, input, &id).await?).into_response())
+}
+
 async fn test_route(
     State(state): State<AppState>,
     Extension(RequestId(id)): Extension<RequestId>,
@@ -80,6 +97,7 @@ async fn test_route(
         model: None,
         version: None,
         top_k: None,
+        min_score: None,
     };
     Ok(Json(predict(&state, input, &id).await?).into_response())
 }
@@ -132,6 +150,7 @@ async fn parse_input(state: &AppState, request: Request) -> Result<PredictInput,
         model: parsed.model,
         version,
         top_k: parsed.top_k,
+        min_score: parsed.min_score,
     })
 }
 
@@ -139,7 +158,8 @@ async fn parse_multipart(request: Request, limit: usize) -> Result<PredictInput,
     let mut multipart = Multipart::from_request(request, &())
         .await
         .map_err(|e| ApiError::BadRequest(format!("invalid multipart form: {}", e.body_text())))?;
-    let (mut image, mut url, mut model, mut version, mut top_k) = (None, None, None, None, None);
+    let (mut image, mut url, mut model, mut version, mut top_k, mut min_score) =
+        (None, None, None, None, None, None);
     let too_large_or_bad = |e: axum::extract::multipart::MultipartError| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge { limit }
@@ -169,6 +189,15 @@ async fn parse_multipart(request: Request, limit: usize) -> Result<PredictInput,
                 })?;
                 top_k = Some(k);
             }
+            "min_score" => {
+                let text = field.text().await.map_err(too_large_or_bad)?;
+                let score = text.trim().parse::<f32>().map_err(|_| {
+                    ApiError::BadRequest(format!(
+                        "min_score must be a number between 0 and 1, got `{text}`"
+                    ))
+                })?;
+                min_score = Some(score);
+            }
             _ => {}
         }
     }
@@ -190,6 +219,7 @@ async fn parse_multipart(request: Request, limit: usize) -> Result<PredictInput,
         model: model.filter(|m| !m.trim().is_empty()),
         version,
         top_k,
+        min_score,
     })
 }
 
@@ -298,6 +328,6 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn not_found() -> Response {
-    let body = json!({ "error": { "code": "not_found", "message": "no such route; see GET / for the page, POST /predict and GET /v1/models for the API" } });
+    let body = json!({ "error": { "code": "not_found", "message": "no such route; see GET / for the page, POST /predict, POST /detect and GET /v1/models for the API" } });
     (StatusCode::NOT_FOUND, Json(body)).into_response()
 }

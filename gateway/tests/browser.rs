@@ -1,4 +1,5 @@
-//! Headless Chromium opens the upload page, uploads a photo, and the page shows the expected label.
+//! Headless Chromium opens the upload page, uploads a photo, and the page shows the expected label; in its
+//! "Detect objects" mode it draws the detector's boxes over the photo.
 //! Needs Debian's `chromium` and `chromium-driver` packages; a screenshot is saved under
 //! `target/test-artifacts/`.
 
@@ -56,12 +57,26 @@ fn artifacts_dir() -> PathBuf {
     dir
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn page_upload_shows_the_label() {
-    let model_server = ModelServer::start("127.0.0.1:0".parse().unwrap()).await;
-    let gateway = Gateway::start(model_server.addr).await;
-    wait_for_readyz(&http_client(), &gateway.url, 200, Duration::from_secs(300)).await;
+/// Chooses `photo` in the page's file input, which sends it.
+async fn choose_file(browser: &fantoccini::Client, photo: &std::path::Path) {
+    browser
+        .find(Locator::Id("file"))
+        .await
+        .unwrap()
+        .send_keys(photo.to_str().unwrap())
+        .await
+        .unwrap();
+}
 
+/// Saves what the browser shows as `name` among the test artifacts; returns where.
+async fn save_screenshot(browser: &fantoccini::Client, name: &str) -> PathBuf {
+    let path = artifacts_dir().join(name);
+    std::fs::write(&path, browser.screenshot().await.unwrap()).unwrap();
+    path
+}
+
+/// A headless Chromium session through a chromedriver of its own (kept alive by the first value).
+async fn open_browser() -> (ChromeDriver, fantoccini::Client) {
     let driver = ChromeDriver::start();
     let mut capabilities = serde_json::Map::new();
     capabilities.insert(
@@ -85,16 +100,21 @@ async fn page_upload_shows_the_label() {
         }
     };
 
+    (driver, browser)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_upload_shows_the_label() {
+    let model_server = ModelServer::start("127.0.0.1:0".parse().unwrap()).await;
+    let gateway = Gateway::start(model_server.addr).await;
+    wait_for_readyz(&http_client(), &gateway.url, 200, Duration::from_secs(300)).await;
+
+    let (_driver, browser) = open_browser().await;
+
     browser.goto(&format!("{}/", gateway.url)).await.unwrap();
-    assert_eq!(browser.title().await.unwrap(), "Image classifier");
+    assert_eq!(browser.title().await.unwrap(), "Image models");
     let photo = golden_path("chelsea.png").canonicalize().unwrap();
-    browser
-        .find(Locator::Id("file"))
-        .await
-        .unwrap()
-        .send_keys(photo.to_str().unwrap())
-        .await
-        .unwrap();
+    choose_file(&browser, &photo).await;
 
     let first_label = browser
         .wait()
@@ -115,9 +135,7 @@ async fn page_upload_shows_the_label() {
         .text()
         .await
         .unwrap();
-    let screenshot = browser.screenshot().await.unwrap();
-    let path = artifacts_dir().join("gateway-browser-upload.png");
-    std::fs::write(&path, screenshot).unwrap();
+    let path = save_screenshot(&browser, "gateway-browser-upload.png").await;
     println!("screenshot: {}", path.display());
 
     assert_eq!(label, "tiger cat");
@@ -146,11 +164,7 @@ async fn page_upload_shows_the_label() {
         .await
         .unwrap();
     let message = error.text().await.unwrap();
-    std::fs::write(
-        artifacts_dir().join("gateway-browser-error.png"),
-        browser.screenshot().await.unwrap(),
-    )
-    .unwrap();
+    save_screenshot(&browser, "gateway-browser-error.png").await;
     assert!(message.contains("cannot be fetched"), "{message}");
     let stale = browser
         .find(Locator::Id("result"))
@@ -164,6 +178,68 @@ async fn page_upload_shows_the_label() {
         "the previous image's results are still shown next to the error"
     );
 
+    browser.close().await.unwrap();
+    model_server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_detect_mode_draws_the_boxes_over_the_photo() {
+    let model_server = ModelServer::start("127.0.0.1:0".parse().unwrap()).await;
+    let gateway = Gateway::start(model_server.addr).await;
+    let every_model = format!("http://{}/v2/health/ready", model_server.http_addr);
+    wait_for_status(&http_client(), &every_model, 200, Duration::from_secs(300)).await;
+    let (_driver, browser) = open_browser().await;
+
+    browser.goto(&format!("{}/", gateway.url)).await.unwrap();
+    browser
+        .find(Locator::Id("mode-detect"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let photo = yolo_testdata()
+        .join("images/camera.png")
+        .canonicalize()
+        .unwrap();
+    choose_file(&browser, &photo).await;
+    browser
+        .wait()
+        .at_most(Duration::from_secs(120))
+        .for_element(Locator::Css("#boxes .box"))
+        .await
+        .unwrap();
+    let image = browser.find(Locator::Id("preview")).await.unwrap();
+    let (ix, iy, iw, ih) = image.rectangle().await.unwrap();
+    let mut drawn = Vec::new();
+    for element in browser.find_all(Locator::Css("#boxes .box")).await.unwrap() {
+        let tag = element.text().await.unwrap();
+        let (x, y, w, h) = element.rectangle().await.unwrap();
+        drawn.push((tag, x, y, w, h));
+    }
+    let listed = browser
+        .find_all(Locator::Css("#detections li .label"))
+        .await
+        .unwrap()
+        .len();
+    let path = save_screenshot(&browser, "gateway-browser-detect.png").await;
+    println!(
+        "screenshot: {}; boxes {drawn:?} over the photo at {ix},{iy} {iw}x{ih}",
+        path.display()
+    );
+
+    // camera.png: two people, as the reference finds them.
+    assert_eq!(drawn.len(), 2, "{drawn:?}");
+    assert_eq!(listed, 2);
+    for (tag, x, y, w, h) in &drawn {
+        assert!(tag.starts_with("person "), "{tag}");
+        assert!(*w > 10.0 && *h > 10.0, "a box drawn too small: {drawn:?}");
+        // Inside the photo as displayed (the border may stick out by its width).
+        assert!(
+            *x >= ix - 3.0 && *y >= iy - 3.0 && x + w <= ix + iw + 3.0 && y + h <= iy + ih + 3.0,
+            "a box outside the photo: {drawn:?}"
+        );
+    }
     browser.close().await.unwrap();
     model_server.stop().await;
 }

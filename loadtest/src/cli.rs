@@ -26,10 +26,12 @@ pub enum Command {
         #[command(flatten)]
         load: LoadArgs,
     },
-    /// POST /predict with {"url": ...} on a gateway, in turn over the URLs given or served.
+    /// POST /predict (or /detect) with {"url": ...} on a gateway, in turn over the URLs given or served.
     PredictUrl {
         #[command(flatten)]
         gateway: Gateway,
+        #[command(flatten)]
+        route: Route,
         /// Image URLs the gateway fetches (repeat the flag for several).
         #[arg(long = "image-url", required_unless_present = "serve_dir")]
         image_urls: Vec<String>,
@@ -42,10 +44,12 @@ pub enum Command {
         #[command(flatten)]
         load: LoadArgs,
     },
-    /// POST /predict as a multipart upload, in turn over the images of a file or folder.
+    /// POST /predict (or /detect) as a multipart upload, in turn over the images of a file or folder.
     PredictUpload {
         #[command(flatten)]
         gateway: Gateway,
+        #[command(flatten)]
+        route: Route,
         /// An image file, or a folder of them.
         #[arg(long)]
         images: PathBuf,
@@ -93,6 +97,14 @@ pub struct Gateway {
         default_value = "http://127.0.0.1:8080"
     )]
     pub gateway: String,
+}
+
+/// Which of the gateway's image routes to load.
+#[derive(Debug, Args)]
+pub struct Route {
+    /// `predict` (the classifier) or `detect` (the detector).
+    #[arg(long, default_value = "predict", value_parser = ["predict", "detect"])]
+    pub route: String,
 }
 
 /// How much load, for how long, and how to report it.

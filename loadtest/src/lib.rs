@@ -40,12 +40,13 @@ pub async fn execute(command: Command) -> Result<(Report, bool), LoadError> {
         }
         Command::PredictUrl {
             gateway,
+            route,
             image_urls,
             serve_dir,
             serve_addr,
             load,
         } => {
-            let url = join(&gateway.gateway, "predict")?;
+            let url = join(&gateway.gateway, &route.route)?;
             // Keep the folder server alive for the whole run.
             let mut _server = None;
             let image_urls = match serve_dir {
@@ -72,10 +73,11 @@ pub async fn execute(command: Command) -> Result<(Report, bool), LoadError> {
         }
         Command::PredictUpload {
             gateway,
+            route,
             images,
             load,
         } => {
-            let url = join(&gateway.gateway, "predict")?;
+            let url = join(&gateway.gateway, &route.route)?;
             let files = serve::image_files(&images)?;
             let requests = files
                 .iter()

@@ -1,5 +1,6 @@
-//! The model tier over gRPC (Open Inference Protocol), using the classification extension for labels:
-//! every replica discovered, each call balanced, retried on another replica when it never reached a model.
+//! The model tier over gRPC (Open Inference Protocol), using the classification extension for a classifier's
+//! labels and ModelConfig for a detector's: every replica discovered, each call balanced, retried on another
+//! replica when it never reached a model.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,8 +13,8 @@ use oip_proto::GrpcInferenceServiceClient;
 use oip_proto::inference::infer_parameter::ParameterChoice;
 use oip_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use oip_proto::inference::{
-    InferParameter, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
-    ModelMetadataResponse, ModelReadyRequest, RepositoryIndexRequest,
+    InferParameter, ModelConfigRequest, ModelInferRequest, ModelInferResponse,
+    ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, RepositoryIndexRequest,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -24,8 +25,8 @@ use super::metrics::UpstreamMetrics;
 use super::pool::{self, Ejection, EndpointStatus, Pool};
 use super::retry::{self, RetryBudget, RetryPolicy};
 use super::{
-    Classification, ClassifyRequest, ModelClient, ModelError, ModelSpec, Prediction,
-    RepositoryEntry, VersionState,
+    Classification, ClassifyRequest, DetectRequest, DetectedBox, Detections, ModelClient,
+    ModelError, ModelKind, ModelSpec, Prediction, RepositoryEntry, VersionState,
 };
 use crate::Config;
 
@@ -221,6 +222,17 @@ impl GrpcModelClient {
     }
 }
 
+impl GrpcModelClient {
+    /// One ModelInfer call, its request id passed on for correlating logs.
+    async fn infer(&self, message: ModelInferRequest) -> Result<ModelInferResponse, ModelError> {
+        let id = message.id.clone();
+        self.call(message, Some(&id), |mut client, request| async move {
+            client.model_infer(request).await
+        })
+        .await
+    }
+}
+
 #[async_trait]
 impl ModelClient for GrpcModelClient {
     async fn metadata(&self, model: &str, version: &str) -> Result<ModelSpec, ModelError> {
@@ -233,7 +245,26 @@ impl ModelClient for GrpcModelClient {
                 client.model_metadata(request).await
             })
             .await?;
-        spec_from_metadata(model, version, &metadata)
+        let mut spec = spec_from_metadata(model, version, &metadata)?;
+        if spec.kind == ModelKind::Detection {
+            // The boxes' classes are indices: their names are in the model's configuration.
+            let message = ModelConfigRequest {
+                name: model.into(),
+                version: version.into(),
+            };
+            let config = self
+                .call(message, None, |mut client, request| async move {
+                    client.model_config(request).await
+                })
+                .await?;
+            let labels = config
+                .config
+                .and_then(|c| c.parameters.get("labels").map(|p| p.string_value.clone()))
+                .map(|text| text.lines().map(str::to_owned).collect())
+                .unwrap_or_default();
+            spec.labels = Arc::new(labels);
+        }
+        Ok(spec)
     }
 
     async fn ready(&self, model: &str, version: &str) -> Result<bool, ModelError> {
@@ -251,14 +282,14 @@ impl ModelClient for GrpcModelClient {
 
     async fn classify(&self, request: ClassifyRequest) -> Result<Classification, ModelError> {
         let spec = request.spec.clone();
-        let id = request.request_id.clone();
-        let message = infer_request(request);
-        let response = self
-            .call(message, Some(&id), |mut client, request| async move {
-                client.model_infer(request).await
-            })
-            .await?;
+        let response = self.infer(infer_request(request)).await?;
         classification_from_response(&spec, &response)
+    }
+
+    async fn detect(&self, request: DetectRequest) -> Result<Detections, ModelError> {
+        let spec = request.spec.clone();
+        let response = self.infer(detect_request(request)).await?;
+        detections_from_response(&spec, &response)
     }
 
     async fn repository(&self) -> Result<Vec<RepositoryEntry>, ModelError> {
@@ -304,7 +335,17 @@ pub fn from_status(status: &Status) -> ModelError {
     }
 }
 
-/// Picks the UINT8 `[-1, H, W, 3]` input and the classification output out of the metadata.
+/// A detector's outputs, in TensorRT EfficientNMS's layout: count `[N, 1]`, boxes `[N, K, 4]`, scores and classes
+/// `[N, K]`.
+const DETECTION_OUTPUTS: [&str; 4] = [
+    "num_detections",
+    "detection_boxes",
+    "detection_scores",
+    "detection_classes",
+];
+
+/// Picks the UINT8 `[-1, H, W, 3]` input and the classification output out of the metadata; a model with
+/// EfficientNMS's outputs is a detector.
 pub fn spec_from_metadata(
     model: &str,
     version: &str,
@@ -319,6 +360,21 @@ pub fn spec_from_metadata(
                 "model {model} has no UINT8 input of shape [-1, height, width, 3], which the gateway sends"
             ))
         })?;
+    let is_detector = DETECTION_OUTPUTS
+        .iter()
+        .all(|name| metadata.outputs.iter().any(|t| t.name == *name));
+    if is_detector {
+        return Ok(ModelSpec {
+            name: model.to_owned(),
+            version: version.to_owned(),
+            versions: metadata.versions.clone(),
+            input: input.name.clone(),
+            height: u32::try_from(input.shape[1]).unwrap_or(0),
+            width: u32::try_from(input.shape[2]).unwrap_or(0),
+            kind: ModelKind::Detection,
+            ..Default::default()
+        });
+    }
     let output = metadata
         .outputs
         .iter()
@@ -341,6 +397,8 @@ pub fn spec_from_metadata(
         width: u32::try_from(input.shape[2]).unwrap_or(0),
         output: output.name.clone(),
         classes,
+        kind: ModelKind::Classification,
+        labels: Arc::default(),
     })
 }
 
@@ -368,6 +426,111 @@ pub fn infer_request(request: ClassifyRequest) -> ModelInferRequest {
         }],
         raw_input_contents: vec![request.pixels],
     }
+}
+
+/// One letterboxed image as raw UINT8 NHWC, asking for the detector's four outputs.
+pub fn detect_request(request: DetectRequest) -> ModelInferRequest {
+    let spec = &request.spec;
+    let mut parameters = HashMap::new();
+    if let Some(score) = request.min_score {
+        parameters.insert(
+            "score_threshold".to_owned(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::DoubleParam(f64::from(score))),
+            },
+        );
+    }
+    ModelInferRequest {
+        model_name: spec.name.clone(),
+        model_version: spec.version.clone(),
+        id: request.request_id,
+        parameters,
+        inputs: vec![InferInputTensor {
+            name: spec.input.clone(),
+            datatype: "UINT8".into(),
+            shape: vec![1, i64::from(spec.height), i64::from(spec.width), 3],
+            parameters: HashMap::new(),
+            contents: None,
+        }],
+        outputs: DETECTION_OUTPUTS
+            .iter()
+            .map(|name| InferRequestedOutputTensor {
+                name: (*name).to_owned(),
+                parameters: HashMap::new(),
+            })
+            .collect(),
+        raw_input_contents: vec![request.pixels],
+    }
+}
+
+/// Reads a detector's answer for one image: its first `num_detections` boxes, scores and classes.
+pub fn detections_from_response(
+    spec: &ModelSpec,
+    response: &ModelInferResponse,
+) -> Result<Detections, ModelError> {
+    let bad =
+        |why: String| ModelError::Other(format!("unexpected answer from the model server: {why}"));
+    // Each output's raw little-endian 4-byte values, checked against its datatype.
+    let values = |name: &str, datatype: &str| -> Result<Vec<[u8; 4]>, ModelError> {
+        let position = response
+            .outputs
+            .iter()
+            .position(|t| t.name == name)
+            .ok_or_else(|| bad(format!("no output named {name}")))?;
+        if response.outputs[position].datatype != datatype {
+            return Err(bad(format!(
+                "output {name} is {}, not {datatype}",
+                response.outputs[position].datatype
+            )));
+        }
+        let raw = response
+            .raw_output_contents
+            .get(position)
+            .ok_or_else(|| bad(format!("no raw contents for output {name}")))?;
+        Ok(raw
+            .chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect())
+    };
+    let count = values("num_detections", "INT32")?
+        .first()
+        .map(|v| i32::from_le_bytes(*v))
+        .ok_or_else(|| bad("num_detections is empty".into()))?;
+    let count = usize::try_from(count).map_err(|_| bad(format!("num_detections is {count}")))?;
+    let boxes = values("detection_boxes", "FP32")?;
+    let scores = values("detection_scores", "FP32")?;
+    let classes = values("detection_classes", "INT32")?;
+    if boxes.len() < count * 4 || scores.len() < count || classes.len() < count {
+        return Err(bad(format!(
+            "{count} detections but fewer boxes, scores or classes"
+        )));
+    }
+    let boxes = (0..count)
+        .map(|i| {
+            let class_id = i64::from(i32::from_le_bytes(classes[i]));
+            let label = usize::try_from(class_id)
+                .ok()
+                .and_then(|c| spec.labels.get(c).cloned())
+                .unwrap_or_else(|| class_id.to_string());
+            let coordinate = |k: usize| f32::from_le_bytes(boxes[i * 4 + k]);
+            DetectedBox {
+                class_id,
+                label,
+                score: f32::from_le_bytes(scores[i]),
+                bbox: [coordinate(0), coordinate(1), coordinate(2), coordinate(3)],
+            }
+        })
+        .collect();
+    Ok(Detections {
+        model: answered_or(&response.model_name, &spec.name),
+        version: answered_or(&response.model_version, &spec.version),
+        boxes,
+    })
+}
+
+/// What the server named, or what was asked for when it named nothing.
+fn answered_or(answered: &str, asked: &str) -> String {
+    if answered.is_empty() { asked } else { answered }.to_owned()
 }
 
 /// Reads the classification output (`"<probability>:<index>:<label>"` BYTES elements, raw or typed).
@@ -411,16 +574,8 @@ pub fn classification_from_response(
         .collect::<Result<Vec<_>, _>>()?;
     predictions.sort_by(|a, b| b.probability.total_cmp(&a.probability));
     Ok(Classification {
-        model: if response.model_name.is_empty() {
-            spec.name.clone()
-        } else {
-            response.model_name.clone()
-        },
-        version: if response.model_version.is_empty() {
-            spec.version.clone()
-        } else {
-            response.model_version.clone()
-        },
+        model: answered_or(&response.model_name, &spec.name),
+        version: answered_or(&response.model_version, &spec.version),
         predictions,
     })
 }
@@ -480,6 +635,7 @@ mod tests {
             width: 224,
             output: "probabilities".into(),
             classes: Some(1000),
+            ..Default::default()
         }
     }
 

@@ -72,6 +72,7 @@ impl ModelClient for FakeModel {
                 width: 224,
                 output: "probabilities".into(),
                 classes: Some(1000),
+                ..Default::default()
             }),
             _ => Err(ModelError::NotFound(format!(
                 "model server: model {model} not found"
@@ -183,6 +184,20 @@ pub fn golden_path(name: &str) -> std::path::PathBuf {
 
 pub fn golden_png(name: &str) -> Vec<u8> {
     std::fs::read(golden_path(&format!("{name}.png"))).unwrap()
+}
+
+/// The detector's golden photos (testdata/yolo/images/), whose reference detections are in
+/// testdata/yolo/detections.json.
+pub const YOLO_PHOTOS: [&str; 4] = ["camera", "coffee", "motorcycle_left", "clock_motion"];
+
+/// The detector's testdata directory.
+pub fn yolo_testdata() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/yolo")
+}
+
+/// One of the detector's golden photos, as its original file.
+pub fn yolo_png(name: &str) -> Vec<u8> {
+    std::fs::read(yolo_testdata().join("images").join(format!("{name}.png"))).unwrap()
 }
 
 /// A small valid PNG.

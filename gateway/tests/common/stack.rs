@@ -168,6 +168,9 @@ impl Stack {
         let photos = photo_server().await;
         let client = http_client();
         wait_for_readyz(&client, &gateway.url, 200, Duration::from_secs(300)).await;
+        // The gateway is ready with its default model; the tests may use every model in the repository.
+        let all_loaded = format!("http://{}/v2/health/ready", model_server.http_addr);
+        wait_for_status(&client, &all_loaded, 200, Duration::from_secs(300)).await;
         Stack {
             model_server,
             gateway,
@@ -188,18 +191,30 @@ impl Stack {
     }
 }
 
-/// Serves `GET /<name>.png` from the golden photos; returns its base URL.
+/// Serves `GET /<name>.png` from the golden photos and `GET /yolo/<name>.png` from the detector's; returns its
+/// base URL.
 pub async fn photo_server() -> String {
-    let router = Router::new().route(
-        "/{file}",
-        get(|Path(file): Path<String>| async move {
-            let name = file.strip_suffix(".png").unwrap_or(&file).to_owned();
-            match PHOTOS.iter().find(|(n, ..)| *n == name) {
-                Some(_) => Ok(super::golden_png(&name)),
-                None => Err(StatusCode::NOT_FOUND),
-            }
-        }),
-    );
+    let router = Router::new()
+        .route(
+            "/{file}",
+            get(|Path(file): Path<String>| async move {
+                let name = file.strip_suffix(".png").unwrap_or(&file).to_owned();
+                match PHOTOS.iter().find(|(n, ..)| *n == name) {
+                    Some(_) => Ok(super::golden_png(&name)),
+                    None => Err(StatusCode::NOT_FOUND),
+                }
+            }),
+        )
+        .route(
+            "/yolo/{file}",
+            get(|Path(file): Path<String>| async move {
+                let name = file.strip_suffix(".png").unwrap_or(&file).to_owned();
+                match super::YOLO_PHOTOS.iter().find(|n| **n == name) {
+                    Some(_) => Ok(super::yolo_png(&name)),
+                    None => Err(StatusCode::NOT_FOUND),
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await });
@@ -223,10 +238,15 @@ pub async fn wait_for_readyz(
     status: u16,
     within: Duration,
 ) {
+    wait_for_status(client, &format!("{gateway}/readyz"), status, within).await;
+}
+
+/// Polls `url` until it answers `status`; panics with its last answer after `within`.
+pub async fn wait_for_status(client: &reqwest::Client, url: &str, status: u16, within: Duration) {
     let started = Instant::now();
     let mut last = None;
     while started.elapsed() < within {
-        match client.get(format!("{gateway}/readyz")).send().await {
+        match client.get(url).send().await {
             Ok(response) if response.status().as_u16() == status => return,
             Ok(response) => {
                 last = Some(format!(
@@ -239,5 +259,5 @@ pub async fn wait_for_readyz(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    panic!("/readyz did not answer {status} within {within:?}; last answer: {last:?}");
+    panic!("{url} did not answer {status} within {within:?}; last answer: {last:?}");
 }
