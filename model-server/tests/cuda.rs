@@ -1,6 +1,6 @@
 //! The model on an NVIDIA GPU (`--features cuda`, run by scripts/gpu-check.sh on a machine with one): the
 //! depthwise CUDA kernel against the CPU kernel over random shapes, f32 logits against the golden ones, and
-//! f16/bf16 against the golden top-1 classes with their distance reported.
+//! f16/bf16 against the golden top-1 classes with their distance reported; the detector's boxes against the CPU's.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -113,5 +113,46 @@ fn f32_matches_the_golden_logits_and_half_precision_keeps_the_top_1() {
                 "{dtype:?} {name}: top-1 differs from the golden one"
             );
         }
+    }
+}
+
+/// The converted detector of the model repository, on `device`.
+fn detector_on(device: &Device) -> Box<dyn model_server::backend::Model> {
+    let dir = detector_repository().join("yolov3-tiny/1");
+    let config = model_server::repository::read_config(&dir).expect("config.json");
+    model_server::backend::load(&config, &dir, device, DType::F32).expect("load the detector")
+}
+
+#[test]
+fn the_detector_on_the_gpu_finds_the_boxes_the_cpu_finds() {
+    use model_server::backend::Outputs;
+    use model_server::detections::{Selection, iou};
+
+    let photos = ["camera", "coffee", "motorcycle_left", "clock_motion"];
+    let inputs: Vec<Tensor> = photos
+        .iter()
+        .map(|photo| {
+            let path = workspace().join(format!("testdata/yolo/{photo}.letterbox.npy"));
+            let pixels = Tensor::read_npy(path).expect("letterbox");
+            (pixels.to_dtype(DType::F32).expect("f32") / 255.0)
+                .and_then(|t| t.permute((2, 0, 1))?.unsqueeze(0))
+                .expect("input")
+        })
+        .collect();
+    let x = Tensor::cat(&inputs, 0).expect("batch");
+    let selections = [Selection::default(); 4];
+    let run = |device: &Device| match detector_on(device).run(&x, &selections) {
+        Ok(Outputs::Detections(found)) => found,
+        other => panic!("the detector answered {other:?}"),
+    };
+    let (cpu, gpu) = (run(&Device::Cpu), run(&gpu()));
+    for ((photo, c), g) in photos.iter().zip(&cpu).zip(&gpu) {
+        assert_eq!(c.len(), g.len(), "{photo}: {c:?} vs {g:?}");
+        for (a, b) in c.iter().zip(g) {
+            assert_eq!(a.class, b.class, "{photo}");
+            assert!((a.score - b.score).abs() <= TOLERANCE, "{photo}: {a:?} vs {b:?}");
+            assert!(iou(&a.bbox, &b.bbox) >= 0.99, "{photo}: {a:?} vs {b:?}");
+        }
+        println!("{photo}: {} boxes, the same on the GPU", g.len());
     }
 }
