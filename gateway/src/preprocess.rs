@@ -87,11 +87,21 @@ pub fn preprocess(
             (side, side, cropped.as_slice())
         }
     };
+    // Catmull-Rom is the a = -0.5 cubic of Pillow's BICUBIC, with the same support scaling when shrinking.
+    resize((src_w, src_h, src), width, height, FilterType::CatmullRom)
+}
+
+/// `src` (width, height, RGB bytes) resized to `width` x `height` with the convolution `filter`.
+fn resize(
+    (src_w, src_h, src): (u32, u32, &[u8]),
+    width: u32,
+    height: u32,
+    filter: FilterType,
+) -> Result<Vec<u8>, PreprocessError> {
     let src = ImageRef::new(src_w, src_h, src, PixelType::U8x3)
         .map_err(|e| PreprocessError(e.to_string()))?;
     let mut dst = Image::new(width, height, PixelType::U8x3);
-    // Catmull-Rom is the a = -0.5 cubic of Pillow's BICUBIC, with the same support scaling when shrinking.
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter));
     Resizer::new()
         .resize(&src, &mut dst, &options)
         .map_err(|e| PreprocessError(e.to_string()))?;
@@ -143,17 +153,11 @@ pub fn letterbox(
         ((f64::from(side) * scale).round_ties_even() as u32).clamp(1, limit)
     };
     let (nw, nh) = (fit(w, width), fit(h, height));
-    let src = ImageRef::new(w, h, image.as_raw(), PixelType::U8x3)
-        .map_err(|e| PreprocessError(e.to_string()))?;
-    let mut resized = Image::new(nw, nh, PixelType::U8x3);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-    Resizer::new()
-        .resize(&src, &mut resized, &options)
-        .map_err(|e| PreprocessError(e.to_string()))?;
+    let resized = resize((w, h, image.as_raw()), nw, nh, FilterType::Bilinear)?;
     let (dx, dy) = ((width - nw) / 2, (height - nh) / 2);
     let mut canvas = vec![fill; width as usize * height as usize * 3];
     let row_bytes = nw as usize * 3;
-    for (row, line) in resized.buffer().chunks_exact(row_bytes).enumerate() {
+    for (row, line) in resized.chunks_exact(row_bytes).enumerate() {
         let start = ((dy as usize + row) * width as usize + dx as usize) * 3;
         canvas[start..start + row_bytes].copy_from_slice(line);
     }

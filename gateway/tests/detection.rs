@@ -87,28 +87,16 @@ async fn upload(
     png: &[u8],
     fields: &[(&str, &str)],
 ) -> (u16, Value) {
-    let boundary = "detect-boundary";
-    let mut form = Vec::new();
-    for (field, value) in fields {
-        form.extend_from_slice(
-            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"\r\n\r\n{value}\r\n")
-                .as_bytes(),
-        );
-    }
-    form.extend_from_slice(
-        format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}.png\"\r\nContent-Type: image/png\r\n\r\n"
-        )
-        .as_bytes(),
-    );
-    form.extend_from_slice(png);
-    form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let file = format!("{name}.png");
+    let mut parts: Vec<(&str, Option<&str>, &[u8])> = fields
+        .iter()
+        .map(|(field, value)| (*field, None, value.as_bytes()))
+        .collect();
+    parts.push(("image", Some(&file), png));
+    let (content_type, form) = multipart_body(&parts);
     let response = client
         .post(url)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
+        .header("content-type", content_type)
         .body(form)
         .send()
         .await

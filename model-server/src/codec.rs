@@ -157,14 +157,18 @@ pub fn parse(
     max_batch_size: usize,
 ) -> Result<Parsed, InferError> {
     let accepted = inputs_of(kind, config);
-    let described: Vec<String> = accepted
-        .iter()
-        .map(|i| format!("`{}` ({} {})", i.name, i.datatype, shape_text(&i.shape)))
-        .collect();
+    // Only an error message needs the inputs in words.
+    let described = || {
+        accepted
+            .iter()
+            .map(|i| format!("`{}` ({} {})", i.name, i.datatype, shape_text(&i.shape)))
+            .collect::<Vec<_>>()
+            .join(" or ")
+    };
     let [input] = inputs else {
         return Err(invalid(format!(
             "expected exactly one input, {}; got {}",
-            described.join(" or "),
+            described(),
             inputs.len()
         )));
     };
@@ -188,7 +192,7 @@ pub fn parse(
         return Err(invalid(format!(
             "unknown input `{}`; this model takes {}",
             input.name,
-            described.join(" or ")
+            described()
         )));
     };
     if input.datatype != expected.datatype {

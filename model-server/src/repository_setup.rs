@@ -168,11 +168,7 @@ pub fn make_repository(spec: &RepositorySpec) -> Result<Summary, SetupError> {
     let labels = repository::read_labels(&labels_path, NUM_CLASSES)
         .map_err(|source| SetupError::Labels { origin, source })?;
 
-    let source_file = spec
-        .pth
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let source_file = file_name(&spec.pth);
     let mut config = serde_json::to_vec_pretty(&Config::new(&source_file, &actual))?;
     config.push(b'\n');
     write_synced(&staging.path.join(CONFIG_FILE), &config)?;
@@ -368,6 +364,13 @@ impl Drop for Staging {
             let _ = fs::remove_dir_all(&self.path);
         }
     }
+}
+
+/// The last component of `path`, for config.json's `source.file`.
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The file's bytes and their sha256, or an error if that is not `expected`: one read for hashing and parsing, so

@@ -150,7 +150,10 @@ fn the_detector_on_the_gpu_finds_the_boxes_the_cpu_finds() {
         assert_eq!(c.len(), g.len(), "{photo}: {c:?} vs {g:?}");
         for (a, b) in c.iter().zip(g) {
             assert_eq!(a.class, b.class, "{photo}");
-            assert!((a.score - b.score).abs() <= TOLERANCE, "{photo}: {a:?} vs {b:?}");
+            assert!(
+                (a.score - b.score).abs() <= TOLERANCE,
+                "{photo}: {a:?} vs {b:?}"
+            );
             assert!(iou(&a.bbox, &b.bbox) >= 0.99, "{photo}: {a:?} vs {b:?}");
         }
         println!("{photo}: {} boxes, the same on the GPU", g.len());

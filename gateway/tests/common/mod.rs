@@ -151,8 +151,8 @@ pub fn post_json(body: impl Into<String>) -> Request<Body> {
         .unwrap()
 }
 
-/// A multipart body with the given (name, filename, bytes) parts.
-pub fn post_multipart(parts: &[(&str, Option<&str>, &[u8])]) -> Request<Body> {
+/// A multipart body with the given (name, filename, bytes) parts, and its content type.
+pub fn multipart_body(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
     let boundary = "----gateway-test-boundary";
     let mut body = Vec::new();
     for (name, filename, bytes) in parts {
@@ -167,11 +167,14 @@ pub fn post_multipart(parts: &[(&str, Option<&str>, &[u8])]) -> Request<Body> {
         body.extend_from_slice(b"\r\n");
     }
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// `POST /predict` with a multipart body of the given (name, filename, bytes) parts.
+pub fn post_multipart(parts: &[(&str, Option<&str>, &[u8])]) -> Request<Body> {
+    let (content_type, body) = multipart_body(parts);
     Request::post("/predict")
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
+        .header("content-type", content_type)
         .body(Body::from(body))
         .unwrap()
 }

@@ -130,11 +130,6 @@ impl Yolo {
         &self.device
     }
 
-    /// Input height and width, in pixels.
-    pub fn input_size(&self) -> (usize, usize) {
-        (self.network.height, self.network.width)
-    }
-
     /// The `[yolo]` heads, in the order [`Yolo::forward`] returns their inputs.
     pub fn heads(&self) -> impl Iterator<Item = &YoloHead> {
         self.network.layers.iter().filter_map(|l| match l {

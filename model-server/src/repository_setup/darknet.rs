@@ -9,8 +9,8 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use super::{
-    Input, Normalisation, SetupError, Staging, Summary, check_model_name, io_error, parse_sha256,
-    read_verified, write_synced,
+    Input, Normalisation, SetupError, Staging, Summary, check_model_name, file_name, io_error,
+    parse_sha256, read_verified, write_synced,
 };
 use crate::convert::darknet::{self, Layer, Network, Part};
 use crate::repository::{self, CONFIG_FILE};
@@ -108,11 +108,7 @@ pub fn make_darknet_repository(spec: &DarknetSpec) -> Result<Summary, SetupError
             origin: format!("`{}`", spec.labels.display()),
             source,
         })?;
-    let file = spec
-        .weights
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let file = file_name(&spec.weights);
     let config = DetectorConfig::new(&network, classes, &file, &actual);
     let mut json = serde_json::to_vec_pretty(&config)?;
     json.push(b'\n');
