@@ -253,8 +253,8 @@ def main():
     add("")
     add("YOLOv3-tiny, random 416x416 input, network only (both heads' outputs, no decoding), 2 threads. Ours: "
         "`cargo bench -p model-server --bench inference -- --model yolov3-tiny`, channels-last on the project's "
-        "GEMM. OpenCV: `scripts/bench-opencv.py`, the dnn module's CPU backend, on the same official darknet "
-        "files.")
+        "GEMM, the 3x3 convolutions by Winograd's F(2x2, 3x3). OpenCV: `scripts/bench-opencv.py`, the dnn "
+        "module's CPU backend (Winograd on by default), on the same official darknet files.")
     add("")
     ours, cv = load("compute-yolo-ours-t2.json"), load("compute-opencv-t2.json")
     runtime = cv["runtime"] if cv else "OpenCV dnn"

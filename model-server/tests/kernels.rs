@@ -1,12 +1,15 @@
 //! The custom CPU kernels against candle's own (slow but plain) operations:
 //! depthwise against `conv2d` with groups = channels, pointwise against a
 //! 1x1 `conv2d`, the dense stem convolution against `conv2d` and a transpose, over random shapes, strides, kernel sizes, TF-"same"
-//! paddings of odd and even sizes, and batch sizes.
+//! paddings of odd and even sizes, and batch sizes; the Winograd 3x3 convolution against a padded `conv2d`
+//! on every instruction set the CPU has.
 
 use candle_core::{Device, Result, Tensor};
 use model_server::kernels::dense::Dense;
 use model_server::kernels::depthwise::Depthwise;
+use model_server::kernels::isa::Isa;
 use model_server::kernels::pointwise::Pointwise;
+use model_server::kernels::winograd::Winograd3x3;
 
 /// Both sides compute in f32 but sum in different orders (and the kernel may
 /// use fused multiply-add): a few 1e-6 apart on these magnitudes.
@@ -255,4 +258,57 @@ fn dense_refuses_mismatched_channels() {
         .apply_op1_no_bwd(&op)
         .expect_err("4 channels into a 3-channel convolution");
     assert!(err.to_string().contains("channels"), "{err}");
+}
+
+#[test]
+fn winograd_matches_a_padded_conv2d_on_every_instruction_set() {
+    // Odd sizes leave half tiles at the bottom and right; 1x1 and 2x3 are mostly padding; channel counts
+    // off the 16-lane and 16-column multiples take the tails; batch 3 puts several images in one band.
+    let cases = [
+        (1, 13, 13, 32, 48, true),
+        (3, 7, 9, 5, 7, false),
+        (2, 26, 26, 17, 33, true),
+        (1, 1, 1, 16, 16, true),
+        (2, 2, 3, 40, 300, false),
+        (1, 52, 30, 64, 130, true),
+    ];
+    for isa in Isa::available() {
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            for (n, h, w, cin, cout, leaky) in cases {
+                let x = randn(&[n, h, w, cin]);
+                let weight = randn(&[cout, cin, 3, 3]);
+                let bias = randn(&[cout]);
+                let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+                let op = Winograd3x3::new(
+                    &values(&weight).expect("weights"),
+                    &values(&bias).expect("bias"),
+                    cin,
+                    cout,
+                    leaky.then_some(0.1),
+                );
+                let got = pool.install(|| op.run(isa, &values(&x).expect("input"), n, h, w));
+                let got = Tensor::from_vec(got, (n, h, w, cout), &Device::Cpu).expect("output");
+                let mut want = x
+                    .permute((0, 3, 1, 2))
+                    .and_then(|x| x.conv2d(&weight, 1, 1, 1, 1))
+                    .and_then(|y| y.broadcast_add(&bias.reshape((1, cout, 1, 1))?))
+                    .and_then(|y| y.permute((0, 2, 3, 1)))
+                    .expect("reference");
+                if leaky {
+                    want = want.maximum(&(&want * 0.1).expect("slope")).expect("leaky");
+                }
+                // The transforms scale the kernel by 1/2 and 1/4 and sum up to 16 inputs: still f32 rounding,
+                // a little more of it than a direct sum over 9 * cin products.
+                let diff = max_abs_diff(&got, &want);
+                assert!(
+                    diff <= 1e-3,
+                    "{isa:?}, {threads} threads, n{n} {h}x{w} {cin}->{cout}: max abs diff {diff}"
+                );
+            }
+        }
+    }
 }

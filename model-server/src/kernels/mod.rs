@@ -1,5 +1,6 @@
-//! CPU kernels for the layers candle runs slowly: depthwise convolution and
-//! 1x1 convolutions over NHWC activations, with bias, ReLU6 and residual adds
+//! CPU kernels for the layers candle runs slowly: depthwise convolution,
+//! 1x1 convolutions and (for the detector) 3x3 convolutions by Winograd's
+//! algorithm over NHWC activations, with bias, activation and residual adds
 //! fused into the pass that produces the output.
 //!
 //! The per-layer operations (`dense`, `depthwise`, `pointwise`) split their
@@ -18,6 +19,7 @@ pub mod epilogue;
 pub mod isa;
 pub mod packed_gemm;
 pub mod pointwise;
+pub mod winograd;
 
 /// `lhs [m, k] x rhs [k, n]`, both row-major, into a new row-major vector,
 /// split over the current rayon pool. The output is written once, never
