@@ -40,6 +40,8 @@ const STEM_TAPS: usize = STEM_KERNEL * STEM_KERNEL * 3;
 /// thread count, instance count or batch an image runs in; the price is that
 /// a single image's blocks use at most this many threads.
 const REDUCTION_PARTS: usize = 2;
+/// Output sizes from which a block splits between threads by rows rather than by expanded channels.
+const ROW_SPLIT_MIN_SIZE: usize = 28;
 /// Fewest GEMM rows (pixels) a tile should give the microkernel, which keeps
 /// up to 12 rows in registers; fewer leave most of it idle.
 const MIN_TILE_PIXELS: usize = 48;
@@ -127,6 +129,8 @@ struct Scratch {
     columns: Vec<f32>,
     /// A GEMM's input in bf16, in bf16 mode.
     pairs: Vec<u32>,
+    /// A band's partial sums from the channels after the first part.
+    partial: Vec<f32>,
 }
 
 /// Activations of one image in flight.
@@ -401,8 +405,52 @@ impl Fused {
     fn block(&self, b: &Block, acts: &mut Activations, size: usize, threads: usize) {
         let out_size = b.out_size(size);
         let out_len = out_size * out_size * b.spec.cout;
-        let parts = split(b.mid / NR, REDUCTION_PARTS);
         let x = &acts.input[..size * size * b.spec.cin];
+        let panels = b.mid / NR;
+        let parts = split(panels, REDUCTION_PARTS);
+        if threads > 1 && out_size >= ROW_SPLIT_MIN_SIZE {
+            // A large map: each thread takes a band of output rows and adds up its own parts' sums, in the same
+            // order as below, so the logits are the same to the bit; the price is expanding twice the few input
+            // rows where the bands' windows overlap.
+            let bands = split(out_size, threads);
+            let row_len = out_size * b.spec.cout;
+            let mut rest = &mut at_least(&mut acts.output, out_len)[..out_len];
+            let mut targets = Vec::with_capacity(bands.len());
+            for band in &bands {
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(band.len() * row_len);
+                targets.push(head);
+                rest = tail;
+            }
+            targets.into_par_iter().zip(bands).for_each(|(out, rows)| {
+                let mut s = take(&self.scratch);
+                let mut partial = std::mem::take(&mut s.partial);
+                for (i, panels) in parts.iter().enumerate() {
+                    let target = if i == 0 {
+                        &mut *out
+                    } else {
+                        at_least(&mut partial, out.len())
+                    };
+                    self.block_part(
+                        b,
+                        x,
+                        size,
+                        panels.clone(),
+                        rows.clone(),
+                        i == 0,
+                        target,
+                        &mut s,
+                    );
+                    if i > 0 {
+                        for (o, v) in out.iter_mut().zip(&partial[..]) {
+                            *o += v;
+                        }
+                    }
+                }
+                s.partial = partial;
+                give(&self.scratch, s);
+            });
+            return;
+        }
         at_least(&mut acts.output, out_len);
         let others = parts.len() - 1;
         if acts.partial.len() < others {
@@ -417,7 +465,7 @@ impl Fused {
         );
         let part = |(i, (out, panels)): (usize, (&mut [f32], Range<usize>))| {
             let mut s = take(&self.scratch);
-            self.block_part(b, x, size, panels, i == 0, out, &mut s);
+            self.block_part(b, x, size, panels, 0..out_size, i == 0, out, &mut s);
             give(&self.scratch, s);
         };
         if threads > 1 {
@@ -439,8 +487,8 @@ impl Fused {
     }
 
     /// The block's contribution from expanded channels `panels` (in units of
-    /// [`NR`]) over the whole image: with the bias and residual when `first`,
-    /// the bare partial sum otherwise.
+    /// [`NR`]) to output rows `out_rows`, into `out` (those rows only): with
+    /// the bias and residual when `first`, the bare partial sum otherwise.
     #[allow(clippy::too_many_arguments)]
     fn block_part(
         &self,
@@ -448,6 +496,7 @@ impl Fused {
         x: &[f32],
         size: usize,
         panels: Range<usize>,
+        out_rows: Range<usize>,
         first: bool,
         out: &mut [f32],
         s: &mut Scratch,
@@ -468,15 +517,16 @@ impl Fused {
         let per_row = (stride * size + wo) * width * 4;
         let overhang = kernel.saturating_sub(stride) * size * width * 4;
         let mut rows = (self.tile_bytes.saturating_sub(overhang) / per_row).max(1);
-        rows = rows.max(MIN_TILE_PIXELS.div_ceil(wo)).min(wo);
+        rows = rows.max(MIN_TILE_PIXELS.div_ceil(wo)).min(out_rows.len());
         let window_rows = ((rows - 1) * stride + kernel).min(size);
         let expanded = at_least(&mut s.expanded, window_rows * size * width);
         let dw = at_least(&mut s.depthwise, rows * wo * width);
         let line = size * width;
         // Input rows now in `expanded`, from its start.
         let mut have = 0..0;
-        for o0 in (0..wo).step_by(rows) {
-            let o1 = (o0 + rows).min(wo);
+        let base = out_rows.start * wo;
+        for o0 in out_rows.clone().step_by(rows) {
+            let o1 = (o0 + rows).min(out_rows.end);
             let need = (o0 * stride).saturating_sub(axis.pad_before)
                 ..((o1 - 1) * stride + kernel - axis.pad_before).min(size);
             let mut fresh = need.start;
@@ -546,7 +596,7 @@ impl Fused {
                 &b.project,
                 channels.clone(),
                 0..b.project.panels(),
-                &mut out[pixels.start * cout..pixels.end * cout],
+                &mut out[(pixels.start - base) * cout..(pixels.end - base) * cout],
                 cout,
                 epilogue,
                 &mut s.pairs,
