@@ -113,3 +113,37 @@ async fn sigterm_finishes_calls_in_flight_then_exits_0() {
         .expect("wait");
     assert!(exit.success(), "exit status {exit}");
 }
+
+// Logs that go to a file or a pipe carry no terminal colour codes: a log collector would store them as text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_into_a_pipe_have_no_colour_codes() {
+    let repository = model_repository();
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_model-server"))
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .arg("--model-repository")
+        .arg(&repository)
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("model-server binary");
+    let mut lines = BufReader::new(server.stdout.take().expect("stdout")).lines();
+    let seen = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut seen = Vec::new();
+        while let Some(line) = lines.next_line().await.expect("log line") {
+            let listening = line.contains("gRPC server listening");
+            seen.push(line);
+            if listening {
+                return seen;
+            }
+        }
+        panic!("the model server exited before listening: {seen:?}");
+    })
+    .await
+    .expect("the model server did not listen in time");
+    assert!(seen.len() > 1, "{seen:?}");
+    for line in &seen {
+        assert!(!line.contains('\x1b'), "a colour code in {line:?}");
+    }
+    server.kill().await.expect("kill");
+}

@@ -1,9 +1,10 @@
 //! Logging and distributed tracing for both tiers: the `tracing` subscriber (`RUST_LOG` filter, text or JSON
-//! lines), OpenTelemetry spans exported over OTLP/gRPC when the standard `OTEL_*` variables ask for it, and W3C
+//! lines, colour only at a terminal), OpenTelemetry spans exported over OTLP/gRPC when the standard `OTEL_*` variables ask for it, and W3C
 //! trace context read from HTTP headers and carried in gRPC metadata.
 
 mod context;
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -96,7 +97,10 @@ pub fn init(service: &'static str, json: bool) -> Result<Telemetry, Error> {
     let fmt = if json {
         tracing_subscriber::fmt::layer().json().boxed()
     } else {
-        tracing_subscriber::fmt::layer().boxed()
+        // Colour codes help a person at a terminal and garble a file, a pipe or a log collector; NO_COLOR
+        // (no-color.org) turns them off at a terminal too.
+        let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        tracing_subscriber::fmt::layer().with_ansi(colour).boxed()
     };
     tracing_subscriber::registry()
         .with(filter)
