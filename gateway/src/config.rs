@@ -123,6 +123,12 @@ pub struct Config {
     #[arg(long, env = "FETCH_ALLOW", value_delimiter = ',', default_value = "")]
     pub fetch_allow: Vec<String>,
 
+    /// Origins whose browser apps may call the gateway (CORS): comma-separated `scheme://host[:port]`
+    /// (`https://app.example.com`), or `*` for any. Empty by default: browsers then allow only the gateway's
+    /// own page.
+    #[arg(long, env = "CORS_ALLOW_ORIGIN", value_delimiter = ',', value_parser = parse_origin)]
+    pub cors_allow_origin: Vec<String>,
+
     /// Write logs as JSON lines instead of human-readable text.
     #[arg(long, env = "JSON_LOGS")]
     pub json_logs: bool,
@@ -151,6 +157,10 @@ impl Config {
                 || crate::model_client::parse_version(&self.model_version).is_some(),
             "--model-version must be empty or a positive integer such as 2, got `{}`",
             self.model_version
+        );
+        anyhow::ensure!(
+            self.cors_allow_origin.len() <= 1 || !self.cors_allow_origin.iter().any(|o| o == "*"),
+            "--cors-allow-origin: `*` allows every origin, so list it alone"
         );
         if let Err(e) = crate::model_client::Target::parse_list(&self.model_server) {
             anyhow::bail!("--model-server: {e}");
@@ -195,6 +205,28 @@ impl Config {
     }
 }
 
+/// An origin exactly as a browser sends it in `Origin` (no path, no trailing slash), or `*`.
+fn parse_origin(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s == "*" {
+        return Ok(s.to_owned());
+    }
+    let url = reqwest::Url::parse(s)
+        .map_err(|e| format!("`{s}` is not an origin such as https://app.example.com: {e}"))?;
+    let origin = url.origin().ascii_serialization();
+    if !matches!(url.scheme(), "http" | "https") || origin == "null" {
+        return Err(format!(
+            "`{s}` is not an http or https origin such as https://app.example.com"
+        ));
+    }
+    if origin != s {
+        return Err(format!(
+            "`{s}` is not an origin as browsers send it (scheme://host[:port], no path): did you mean `{origin}`?"
+        ));
+    }
+    Ok(origin)
+}
+
 fn parse_model_recipe(s: &str) -> Result<(String, Recipe), String> {
     let (model, recipe) = s
         .split_once('=')
@@ -205,6 +237,42 @@ fn parse_model_recipe(s: &str) -> Result<(String, Recipe), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cors_origins_are_checked_as_browsers_send_them() {
+        let config = Config::try_parse_from([
+            "gateway",
+            "--cors-allow-origin",
+            "https://app.example.com,http://localhost:3000",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.cors_allow_origin,
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+        config.validate().unwrap();
+        for bad in [
+            "https://app.example.com/",
+            "https://app.example.com/page",
+            "app.example.com",
+            "ftp://files.example.com",
+        ] {
+            let err = Config::try_parse_from(["gateway", "--cors-allow-origin", bad]).unwrap_err();
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+        let err =
+            Config::try_parse_from(["gateway", "--cors-allow-origin", "https://a.example.com/"])
+                .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("did you mean `https://a.example.com`"),
+            "{err}"
+        );
+        let both =
+            Config::try_parse_from(["gateway", "--cors-allow-origin", "*,https://a.example.com"])
+                .unwrap();
+        assert!(both.validate().is_err());
+    }
 
     #[test]
     fn defaults_work_without_flags() {

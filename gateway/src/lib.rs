@@ -76,12 +76,45 @@ impl AppState {
 
 /// The full router with its middleware.
 pub fn app(state: AppState) -> Router {
-    routes::router(&state)
+    let cors = cors(&state.config.cors_allow_origin);
+    let router = routes::router(&state)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             telemetry::observe,
         ))
-        .with_state(state)
+        .with_state(state);
+    // Outermost, so a browser's preflight `OPTIONS` is answered before routing, which knows no such method.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// The CORS policy for `origins` (checked by the config's parser), or none when the list is empty.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderName, HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    let request_id = HeaderName::from_static("x-request-id");
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                request_id.clone(),
+                HeaderName::from_static("traceparent"),
+            ])
+            .expose_headers([request_id])
+            .max_age(Duration::from_secs(3600)),
+    )
 }
 
 /// Serves the gateway on `listener` until `shutdown` completes. Then readiness turns false, no new

@@ -447,3 +447,65 @@ async fn gateway_full_is_429_and_other_requests_are_unaffected() {
     let (status, _, _) = get(app, "/test").await;
     assert_eq!(status, 200);
 }
+
+fn preflight(origin: &str) -> Request<Body> {
+    Request::options("/predict")
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .body(Body::empty())
+        .unwrap()
+}
+
+fn allowed_origin(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get("access-control-allow-origin")
+        .map(|v| v.to_str().unwrap())
+}
+
+#[tokio::test]
+async fn cors_is_off_by_default_and_allows_only_the_listed_origins() {
+    let fake = Arc::new(FakeModel::new());
+    let app = app_with(fake.clone(), &[]);
+    let (_, headers, _) = send(app.clone(), preflight("https://app.example.com")).await;
+    assert_eq!(allowed_origin(&headers), None);
+    let (status, headers, _) = send(
+        app,
+        Request::get("/test")
+            .header("origin", "https://app.example.com")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(allowed_origin(&headers), None);
+
+    let app = app_with(
+        fake.clone(),
+        &["--cors-allow-origin", "https://app.example.com"],
+    );
+    let (status, headers, _) = send(app.clone(), preflight("https://app.example.com")).await;
+    assert_eq!(status, 200);
+    assert_eq!(allowed_origin(&headers), Some("https://app.example.com"));
+    let methods = headers["access-control-allow-methods"].to_str().unwrap();
+    assert!(methods.contains("POST"), "{methods}");
+    let allowed = headers["access-control-allow-headers"].to_str().unwrap();
+    assert!(allowed.contains("content-type"), "{allowed}");
+    let (_, headers, _) = send(app.clone(), preflight("https://evil.example.com")).await;
+    assert_eq!(allowed_origin(&headers), None);
+
+    // The real request: the answer names the origin and lets the app read the request id.
+    let mut request = post_json(json!({"image": b64(&small_png())}).to_string());
+    request
+        .headers_mut()
+        .insert("origin", "https://app.example.com".parse().unwrap());
+    let (status, headers, body) = send(app.clone(), request).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(allowed_origin(&headers), Some("https://app.example.com"));
+    let exposed = headers["access-control-expose-headers"].to_str().unwrap();
+    assert!(exposed.contains("x-request-id"), "{exposed}");
+
+    let app = app_with(fake, &["--cors-allow-origin", "*"]);
+    let (_, headers, _) = send(app, preflight("https://anywhere.example.com")).await;
+    assert_eq!(allowed_origin(&headers), Some("*"));
+}
