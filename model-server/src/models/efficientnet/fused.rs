@@ -151,6 +151,13 @@ fn at_least(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut v[..len]
 }
 
+/// `out += partial`, value by value: one part's projection added to the block's output.
+fn add_into(out: &mut [f32], partial: &[f32]) {
+    for (o, v) in out.iter_mut().zip(partial) {
+        *o += v;
+    }
+}
+
 /// Takes a value from a free list, or makes one.
 fn take<T: Default>(list: &Mutex<Vec<T>>) -> T {
     list.lock()
@@ -424,27 +431,21 @@ impl Fused {
             targets.into_par_iter().zip(bands).for_each(|(out, rows)| {
                 let mut s = take(&self.scratch);
                 let mut partial = std::mem::take(&mut s.partial);
-                for (i, panels) in parts.iter().enumerate() {
-                    let target = if i == 0 {
-                        &mut *out
-                    } else {
-                        at_least(&mut partial, out.len())
-                    };
+                let (first, others) = parts.split_first().expect("a block has channels");
+                self.block_part(b, x, size, first.clone(), rows.clone(), true, out, &mut s);
+                for panels in others {
+                    let sums = at_least(&mut partial, out.len());
                     self.block_part(
                         b,
                         x,
                         size,
                         panels.clone(),
                         rows.clone(),
-                        i == 0,
-                        target,
+                        false,
+                        sums,
                         &mut s,
                     );
-                    if i > 0 {
-                        for (o, v) in out.iter_mut().zip(&partial[..]) {
-                            *o += v;
-                        }
-                    }
+                    add_into(out, sums);
                 }
                 s.partial = partial;
                 give(&self.scratch, s);
@@ -480,9 +481,7 @@ impl Fused {
         // On one thread: the sum is a small fraction of the block's work, and
         // a second hand-off between threads per block costs more than it saves.
         for p in &acts.partial[..others] {
-            for (o, v) in acts.output[..out_len].iter_mut().zip(&p[..out_len]) {
-                *o += v;
-            }
+            add_into(&mut acts.output[..out_len], &p[..out_len]);
         }
     }
 

@@ -71,22 +71,20 @@ impl Conv {
     }
 
     fn run(&self, isa: Isa, x: &Map) -> Result<Map> {
+        let cin = match self {
+            Self::Im2col(conv) => conv.cin,
+            Self::Winograd(conv) => conv.cin(),
+        };
+        if x.c != cin {
+            bail!("yolo: a convolution of {cin} input channels got {}", x.c);
+        }
         match self {
             Self::Im2col(conv) => conv.run(isa, x),
-            Self::Winograd(conv) => {
-                if x.c != conv.cin() {
-                    bail!(
-                        "yolo: a convolution of {} input channels got {}",
-                        conv.cin(),
-                        x.c
-                    );
-                }
-                Ok(Map {
-                    data: conv.run(isa, &x.data, x.n, x.h, x.w),
-                    c: conv.cout(),
-                    ..*x
-                })
-            }
+            Self::Winograd(conv) => Ok(Map {
+                data: conv.run(isa, &x.data, x.n, x.h, x.w),
+                c: conv.cout(),
+                ..*x
+            }),
         }
     }
 }
@@ -102,14 +100,8 @@ pub(super) struct Im2col {
 }
 
 impl Im2col {
+    /// `x`'s channels already checked by [`Conv::run`].
     fn run(&self, isa: Isa, x: &Map) -> Result<Map> {
-        if x.c != self.cin {
-            bail!(
-                "yolo: a convolution of {} input channels got {}",
-                self.cin,
-                x.c
-            );
-        }
         let (k, s, p) = (self.size, self.stride, self.padding);
         if x.h + 2 * p < k || x.w + 2 * p < k {
             bail!("yolo: a {k}x{k} convolution on a {}x{} map", x.h, x.w);
