@@ -26,13 +26,15 @@ if ((${#need_apt[@]})); then
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-# Python: tritonclient[grpc] is the third-party client of the interop test; kubernetes-validate and PyYAML check
+# Python: tritonclient[grpc,http] is the third-party client of the interop test; kubernetes-validate and PyYAML check
 # the Kubernetes manifests. pip returns at once when the pinned versions are already there.
 if [[ ! -x .venv/bin/python ]]; then
     say "creating .venv"
     python3 -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
+# Triton's perf_analyzer, for the interop test: a venv of its own (its tritonclient is older) and Debian's libb64.
+scripts/perf-analyzer.sh --install-only
 
 # Build every test and binary first, then make the model repository with the converter that build produced: a
 # separate `cargo run` would unify features differently (no dev-dependencies) and compile much of the tree twice.

@@ -10,7 +10,7 @@ use crate::convert::darknet::{ConvWeights, DarknetError, Network};
 use crate::detections::{Detection, Selection};
 use crate::models::efficientnet::EfficientNetLite0;
 use crate::models::yolo::Yolo;
-use crate::repository::VersionConfig;
+use crate::repository::{InputFormat, VersionConfig};
 
 /// Errors from loading or running a model. `Clone` so that one failed batch
 /// can fail every request that was in it.
@@ -95,6 +95,12 @@ pub fn load(
         Kind::Classification => EfficientNetLite0::load_as(&weights, device, dtype)
             .map(|m| Box::new(m) as Box<dyn Model>)
             .map_err(|e| failed(&e)),
+        Kind::Detection if config.input_format != InputFormat::Pixels => {
+            Err(BackendError::Load(format!(
+                "{}: a detector takes `pixels` only; remove `input_format` from its config.json",
+                dir.display()
+            )))
+        }
         Kind::Detection => {
             let Some(network) = &config.network else {
                 return Err(BackendError::Load(format!(

@@ -13,7 +13,7 @@ use crate::backend::Kind;
 use crate::batcher::{Images, Request, Response};
 use crate::detections::{Detection, Selection};
 use crate::error::{InferError, invalid};
-use crate::repository::VersionConfig;
+use crate::repository::{InputFormat, VersionConfig};
 
 /// Input carrying raw RGB pixels, UINT8 `[N, H, W, 3]`.
 pub const PIXELS: &str = "pixels";
@@ -108,26 +108,25 @@ pub struct InputSpec {
     pub shape: Vec<i64>,
 }
 
-/// The inputs a model accepts; a request carries exactly one of them.
-pub fn inputs_of(kind: Kind, config: &VersionConfig) -> Vec<InputSpec> {
-    match kind {
-        Kind::Classification => vec![
-            InputSpec {
-                name: PIXELS,
-                datatype: "UINT8",
-                shape: pixels_shape(config),
-            },
-            InputSpec {
-                name: INPUT,
-                datatype: "FP32",
-                shape: input_shape(config),
-            },
-        ],
-        Kind::Detection => vec![InputSpec {
+/// The one input a model version takes, as its `input_format` says.
+pub fn input_of(kind: Kind, config: &VersionConfig) -> InputSpec {
+    match (kind, config.input_format) {
+        (Kind::Classification, InputFormat::Pixels) => InputSpec {
+            name: PIXELS,
+            datatype: "UINT8",
+            shape: pixels_shape(config),
+        },
+        (Kind::Classification, InputFormat::Normalised) => InputSpec {
+            name: INPUT,
+            datatype: "FP32",
+            shape: input_shape(config),
+        },
+        // Loading refuses a detector with another format.
+        (Kind::Detection, _) => InputSpec {
             name: IMAGES,
             datatype: "UINT8",
             shape: pixels_shape(config),
-        }],
+        },
     }
 }
 
@@ -156,14 +155,14 @@ pub fn parse(
     config: &VersionConfig,
     max_batch_size: usize,
 ) -> Result<Parsed, InferError> {
-    let accepted = inputs_of(kind, config);
-    // Only an error message needs the inputs in words.
+    let expected = input_of(kind, config);
     let described = || {
-        accepted
-            .iter()
-            .map(|i| format!("`{}` ({} {})", i.name, i.datatype, shape_text(&i.shape)))
-            .collect::<Vec<_>>()
-            .join(" or ")
+        format!(
+            "`{}` ({} {})",
+            expected.name,
+            expected.datatype,
+            shape_text(&expected.shape)
+        )
     };
     let [input] = inputs else {
         return Err(invalid(format!(
@@ -188,13 +187,13 @@ pub fn parse(
         }
         raw.into_iter().next()
     };
-    let Some(expected) = accepted.iter().find(|i| i.name == input.name) else {
+    if input.name != expected.name {
         return Err(invalid(format!(
             "unknown input `{}`; this model takes {}",
             input.name,
             described()
         )));
-    };
+    }
     if input.datatype != expected.datatype {
         return Err(invalid(format!(
             "input `{}` must be {}, got `{}`",
@@ -617,6 +616,7 @@ mod tests {
                 width: 3,
                 channels: 3,
             },
+            input_format: InputFormat::Pixels,
             normalisation: Normalisation {
                 mean: 127.0,
                 std: 128.0,
@@ -691,14 +691,35 @@ mod tests {
     }
 
     #[test]
-    fn typed_fp32_is_accepted() {
-        let mut t = input(INPUT, "FP32", &[1, 3, 2, 3]);
-        t.contents = Some(InferTensorContents {
-            fp32_contents: vec![0.5; 18],
-            ..Default::default()
-        });
-        let p = classify(&mut [t], vec![], &[]).unwrap();
+    fn typed_fp32_is_accepted_by_a_normalised_version_only() {
+        let fp32 = || {
+            let mut t = input(INPUT, "FP32", &[1, 3, 2, 3]);
+            t.contents = Some(InferTensorContents {
+                fp32_contents: vec![0.5; 18],
+                ..Default::default()
+            });
+            t
+        };
+        let normalised = VersionConfig {
+            input_format: InputFormat::Normalised,
+            ..config()
+        };
+        let p = parse(
+            &mut [fp32()],
+            vec![],
+            &[],
+            &none(),
+            Kind::Classification,
+            &normalised,
+            4,
+        )
+        .unwrap();
         assert!(matches!(p.request.images, Images::Normalised(ref v) if v.len() == 18));
+        let m = err(classify(&mut [fp32()], vec![], &[]));
+        assert!(
+            m.contains("unknown input `input`; this model takes `pixels` (UINT8 [N, 2, 3, 3])"),
+            "{m}"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod pools;
 pub mod registry;
 pub mod repository;
 pub mod repository_setup;
+pub mod rest;
 pub mod service;
 pub mod stats;
 
@@ -101,9 +102,16 @@ pub async fn serve_with(
     metrics
         .register(Box::new(lifecycle.failure_counter()))
         .context("registering metrics")?;
+    let inference = Arc::new(InferenceService::new(
+        lifecycle.clone(),
+        config.max_batch_size(),
+        config.instance_count(),
+    ));
     let http_state = http::HttpState {
         metrics,
         lifecycle: lifecycle.clone(),
+        inference: inference.clone(),
+        max_body: config.max_message_size,
         draining: stopping.clone(),
     };
     let http_server = tokio::spawn(async move {
@@ -170,13 +178,9 @@ pub async fn serve_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(
-        lifecycle,
-        config.max_batch_size(),
-        config.instance_count(),
-    ))
-    .max_decoding_message_size(config.max_message_size)
-    .max_encoding_message_size(config.max_message_size);
+    let inference = GrpcInferenceServiceServer::from_arc(inference)
+        .max_decoding_message_size(config.max_message_size)
+        .max_encoding_message_size(config.max_message_size);
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, %http_addr, threads, instances = config.instance_count(), repository = %config.model_repository.display(), "gRPC server listening");

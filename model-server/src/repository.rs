@@ -50,6 +50,18 @@ pub struct Normalisation {
     pub std: f32,
 }
 
+/// Which input tensor a classifier takes. One per model name, as Triton's clients (perf_analyzer above all)
+/// fill every input the metadata lists; serving both layouts takes two model names over the same weights.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InputFormat {
+    /// `pixels`: raw RGB, UINT8 `[N, H, W, 3]`; the server normalises.
+    #[default]
+    Pixels,
+    /// `input`: already normalised, FP32 `[N, 3, H, W]`.
+    Normalised,
+}
+
 /// `instance_group` of a version's `config.json`, after Triton's: how many copies of the execution context
 /// run this version side by side.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -74,6 +86,9 @@ pub struct VersionConfig {
     pub labels: PathBuf,
     pub num_classes: usize,
     pub input: InputSize,
+    /// The input tensor requests carry; a detector takes pixels only.
+    #[serde(default)]
+    pub input_format: InputFormat,
     pub normalisation: Normalisation,
     /// The preprocessing recipe clients should apply; informational here.
     #[serde(default)]

@@ -89,8 +89,6 @@ fn model_input(input: &codec::InputSpec) -> ModelInput {
         format: format as i32,
         // ModelConfig leaves the batch dimension out when max_batch_size > 0.
         dims: input.shape[1..].to_vec(),
-        // A request carries one of the inputs, never more.
-        optional: true,
         ..Default::default()
     }
 }
@@ -133,7 +131,7 @@ fn model_config(
         platform: PLATFORM.to_owned(),
         backend: PLATFORM.to_owned(),
         max_batch_size: i32::try_from(max_batch_size).unwrap_or(i32::MAX),
-        input: codec::inputs_of(kind, c).iter().map(model_input).collect(),
+        input: vec![model_input(&codec::input_of(kind, c))],
         output: Output::of(kind)
             .iter()
             .map(|&o| model_output(o, c.num_classes))
@@ -160,6 +158,152 @@ fn model_config(
     }
 }
 
+impl InferenceService {
+    /// ServerMetadata: the name, version and extensions.
+    pub fn server_metadata(&self) -> ServerMetadataResponse {
+        ServerMetadataResponse {
+            name: SERVER_NAME.to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            extensions: EXTENSIONS.map(String::from).to_vec(),
+        }
+    }
+
+    /// Whether every model has a version that serves.
+    pub fn server_ready(&self) -> bool {
+        self.registry.all_ready()
+    }
+
+    /// Whether the version (the newest serving one when `version` is empty) serves.
+    pub fn model_ready(&self, name: &str, version: &str) -> Result<bool, InferError> {
+        let slot = self.registry.resolve(name, version)?;
+        Ok(slot.ready().is_ok())
+    }
+
+    /// ModelMetadata of a serving version.
+    pub fn model_metadata(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<ModelMetadataResponse, InferError> {
+        let slot = self.registry.resolve(name, version)?;
+        let loaded = slot.ready()?;
+        let c = &loaded.config;
+        let input = codec::input_of(loaded.kind, c);
+        // The versions that serve now: a client pins one of them, so its input size and labels never mix.
+        let versions = self
+            .registry
+            .serving_versions(name)
+            .iter()
+            .map(u64::to_string)
+            .collect();
+        Ok(ModelMetadataResponse {
+            name: slot.model.clone(),
+            versions,
+            platform: PLATFORM.to_owned(),
+            inputs: vec![tensor_meta(input.name, input.datatype, input.shape)],
+            outputs: Output::of(loaded.kind)
+                .iter()
+                .map(|o| tensor_meta(o.name(), o.datatype(), o.shape(c.num_classes)))
+                .collect(),
+        })
+    }
+
+    /// ModelConfig of a serving version.
+    pub fn model_config(&self, name: &str, version: &str) -> Result<ModelConfig, InferError> {
+        let slot = self.registry.resolve(name, version)?;
+        let loaded = slot.ready()?;
+        Ok(model_config(
+            &slot.model,
+            loaded.kind,
+            &loaded.config,
+            &loaded.labels,
+            self.max_batch_size,
+            self.instances,
+        ))
+    }
+
+    /// ModelStatistics of every model (empty `name`), every version of one (empty `version`), or one version.
+    pub fn model_statistics(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<ModelStatisticsResponse, InferError> {
+        let slots = if name.is_empty() {
+            self.registry.slots()
+        } else if version.is_empty() {
+            self.registry.versions(name)?
+        } else {
+            vec![self.registry.resolve(name, version)?]
+        };
+        // A version that does not serve has served nothing since it was (re)loaded.
+        let model_stats = slots
+            .iter()
+            .map(|s| match s.serving() {
+                Some(l) => l.stats().to_proto(&s.model, s.version),
+                None => Stats::default().to_proto(&s.model, s.version),
+            })
+            .collect();
+        Ok(ModelStatisticsResponse { model_stats })
+    }
+
+    /// ModelInfer, for both transports: checks the request, queues it for the batcher and encodes the answer.
+    /// Its work is recorded under `span`, which the transport made and linked to the caller's trace.
+    pub async fn infer(
+        &self,
+        mut r: ModelInferRequest,
+        span: tracing::Span,
+    ) -> Result<ModelInferResponse, InferError> {
+        span.record("model", r.model_name.as_str());
+        span.record("version", r.model_version.as_str());
+        span.record("request_id", r.id.as_str());
+        let entered = span.enter();
+        let slot = self.registry.resolve(&r.model_name, &r.model_version)?;
+        let loaded = slot.ready()?;
+        let raw = std::mem::take(&mut r.raw_input_contents);
+        let parsed = codec::parse(
+            &mut r.inputs,
+            raw,
+            &r.outputs,
+            &r.parameters,
+            loaded.kind,
+            &loaded.config,
+            self.max_batch_size,
+        )
+        .inspect_err(|_| loaded.stats().record_refused(Failure::InvalidArgument))?;
+        drop(entered);
+        let (batch, k) = (
+            parsed.request.batch,
+            parsed.request.selection.max_detections,
+        );
+        let result =
+            tracing::Instrument::instrument(loaded.batcher.infer(parsed.request), span.clone())
+                .await;
+        let out = result
+            .inspect_err(|e| tracing::debug!(parent: &span, error = %e, "inference failed"))?;
+        let (outputs, raw_output_contents) =
+            codec::encode(&parsed.outputs, batch, &out, &loaded.labels, k)?;
+        Ok(ModelInferResponse {
+            model_name: slot.model.clone(),
+            model_version: slot.version.to_string(),
+            id: r.id,
+            parameters: Default::default(),
+            outputs,
+            raw_output_contents,
+        })
+    }
+}
+
+/// The span of one inference request; the transport fills in its parent.
+pub fn infer_span() -> tracing::Span {
+    tracing::info_span!(
+        "model_infer",
+        model = tracing::field::Empty,
+        version = tracing::field::Empty,
+        request_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    )
+}
+
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceService {
     async fn server_live(
@@ -174,7 +318,7 @@ impl GrpcInferenceService for InferenceService {
         _: Request<ServerReadyRequest>,
     ) -> Result<Response<ServerReadyResponse>, Status> {
         Ok(Response::new(ServerReadyResponse {
-            ready: self.registry.all_ready(),
+            ready: InferenceService::server_ready(self),
         }))
     }
 
@@ -183,21 +327,15 @@ impl GrpcInferenceService for InferenceService {
         req: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
         let r = req.into_inner();
-        let slot = self.registry.resolve(&r.name, &r.version)?;
-        Ok(Response::new(ModelReadyResponse {
-            ready: slot.ready().is_ok(),
-        }))
+        let ready = InferenceService::model_ready(self, &r.name, &r.version)?;
+        Ok(Response::new(ModelReadyResponse { ready }))
     }
 
     async fn server_metadata(
         &self,
         _: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
-        Ok(Response::new(ServerMetadataResponse {
-            name: SERVER_NAME.to_owned(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            extensions: EXTENSIONS.map(String::from).to_vec(),
-        }))
+        Ok(Response::new(InferenceService::server_metadata(self)))
     }
 
     async fn model_metadata(
@@ -205,82 +343,20 @@ impl GrpcInferenceService for InferenceService {
         req: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let r = req.into_inner();
-        let slot = self.registry.resolve(&r.name, &r.version)?;
-        let loaded = slot.ready()?;
-        let c = &loaded.config;
-        // The versions that serve now: a client pins one of them, so its input size and labels never mix.
-        let versions = self
-            .registry
-            .serving_versions(&r.name)
-            .iter()
-            .map(u64::to_string)
-            .collect();
-        Ok(Response::new(ModelMetadataResponse {
-            name: slot.model.clone(),
-            versions,
-            platform: PLATFORM.to_owned(),
-            inputs: codec::inputs_of(loaded.kind, c)
-                .into_iter()
-                .map(|i| tensor_meta(i.name, i.datatype, i.shape))
-                .collect(),
-            outputs: Output::of(loaded.kind)
-                .iter()
-                .map(|o| tensor_meta(o.name(), o.datatype(), o.shape(c.num_classes)))
-                .collect(),
-        }))
+        Ok(Response::new(InferenceService::model_metadata(
+            self, &r.name, &r.version,
+        )?))
     }
 
     async fn model_infer(
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let span = tracing::info_span!(
-            "model_infer",
-            model = tracing::field::Empty,
-            version = tracing::field::Empty,
-            request_id = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-        );
+        let span = infer_span();
         // The caller's trace (W3C `traceparent` in the metadata) becomes this span's parent.
         observability::set_parent_from_grpc(&span, req.metadata());
-        let mut r = req.into_inner();
-        span.record("model", r.model_name.as_str());
-        span.record("version", r.model_version.as_str());
-        span.record("request_id", r.id.as_str());
-        let _enter = span.enter();
-        let slot = self.registry.resolve(&r.model_name, &r.model_version)?;
-        let loaded = slot.ready()?;
-        let raw = std::mem::take(&mut r.raw_input_contents);
-        let parsed = codec::parse(
-            &mut r.inputs,
-            raw,
-            &r.outputs,
-            &r.parameters,
-            loaded.kind,
-            &loaded.config,
-            self.max_batch_size,
-        )
-        .inspect_err(|_| loaded.stats().record_refused(Failure::InvalidArgument))?;
-        drop(_enter);
-        let (batch, k) = (
-            parsed.request.batch,
-            parsed.request.selection.max_detections,
-        );
-        let result =
-            tracing::Instrument::instrument(loaded.batcher.infer(parsed.request), span.clone())
-                .await;
-        let out = result
-            .inspect_err(|e| tracing::debug!(parent: &span, error = %e, "inference failed"))?;
-        let (outputs, raw_output_contents) =
-            codec::encode(&parsed.outputs, batch, &out, &loaded.labels, k)?;
-        Ok(Response::new(ModelInferResponse {
-            model_name: slot.model.clone(),
-            model_version: slot.version.to_string(),
-            id: r.id,
-            parameters: Default::default(),
-            outputs,
-            raw_output_contents,
-        }))
+        let response = self.infer(req.into_inner(), span).await?;
+        Ok(Response::new(response))
     }
 
     async fn model_config(
@@ -288,16 +364,7 @@ impl GrpcInferenceService for InferenceService {
         req: Request<ModelConfigRequest>,
     ) -> Result<Response<ModelConfigResponse>, Status> {
         let r = req.into_inner();
-        let slot = self.registry.resolve(&r.name, &r.version)?;
-        let loaded = slot.ready()?;
-        let config = model_config(
-            &slot.model,
-            loaded.kind,
-            &loaded.config,
-            &loaded.labels,
-            self.max_batch_size,
-            self.instances,
-        );
+        let config = InferenceService::model_config(self, &r.name, &r.version)?;
         Ok(Response::new(ModelConfigResponse {
             config: Some(config),
         }))
@@ -308,22 +375,9 @@ impl GrpcInferenceService for InferenceService {
         req: Request<ModelStatisticsRequest>,
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
         let r = req.into_inner();
-        let slots = if r.name.is_empty() {
-            self.registry.slots()
-        } else if r.version.is_empty() {
-            self.registry.versions(&r.name)?
-        } else {
-            vec![self.registry.resolve(&r.name, &r.version)?]
-        };
-        // A version that does not serve has served nothing since it was (re)loaded.
-        let model_stats = slots
-            .iter()
-            .map(|s| match s.serving() {
-                Some(l) => l.stats().to_proto(&s.model, s.version),
-                None => Stats::default().to_proto(&s.model, s.version),
-            })
-            .collect();
-        Ok(Response::new(ModelStatisticsResponse { model_stats }))
+        Ok(Response::new(InferenceService::model_statistics(
+            self, &r.name, &r.version,
+        )?))
     }
 
     async fn repository_index(

@@ -8,6 +8,8 @@ use oip_proto::inference::*;
 use tonic::Code;
 
 const MODEL: &str = "efficientnet-lite0";
+/// The classifier again, taking the normalised FP32 input.
+const NORMALISED: &str = "efficientnet-lite0-normalised";
 
 fn pixels_request(
     pixels: Vec<u8>,
@@ -134,7 +136,7 @@ async fn photos_sent_as_uint8_get_the_golden_top5() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_request_equals_single_requests_and_fp32_input_matches_uint8() {
+async fn a_batch_request_equals_single_requests() {
     let server = TestServer::start(&[]).await;
     let mut client = server.client().await;
     let mut batch = Vec::new();
@@ -160,16 +162,47 @@ async fn a_batch_request_equals_single_requests_and_fp32_input_matches_uint8() {
         "batch differs from single requests"
     );
 
-    // The same photo as a normalised FP32 tensor in typed contents.
-    let req = ModelInferRequest {
-        model_name: MODEL.into(),
-        model_version: "1".into(),
+    server.stop().await;
+}
+
+/// The classifier under a second name whose config says `"input_format": "normalised"`: perf_analyzer-style
+/// clients see one input per model, and the FP32 tensor answers as the pixels it was made from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_normalised_version_takes_fp32_only_and_answers_as_the_pixels_one() {
+    let repo = common::lifecycle::Repo::new("layouts");
+    repo.add(MODEL, 1);
+    repo.add_normalised(NORMALISED, 1);
+    let (server, mut client) = common::lifecycle::serve(&repo, &[]).await;
+    let meta = client
+        .model_metadata(ModelMetadataRequest {
+            name: NORMALISED.into(),
+            version: String::new(),
+        })
+        .await
+        .expect("metadata")
+        .into_inner();
+    let inputs: Vec<_> = meta
+        .inputs
+        .iter()
+        .map(|t| (t.name.as_str(), t.datatype.as_str(), t.shape.clone()))
+        .collect();
+    assert_eq!(inputs, [("input", "FP32", vec![-1, 3, 224, 224])]);
+
+    let pixels = golden_pixels("chelsea");
+    let resp = client
+        .model_infer(pixels_request(pixels.clone(), 1, vec![output("logits")]))
+        .await
+        .expect("infer")
+        .into_inner();
+    let from_pixels = f32s(&resp.raw_output_contents[0]);
+    let fp32 = |model: &str| ModelInferRequest {
+        model_name: model.into(),
         inputs: vec![InferInputTensor {
             name: "input".into(),
             datatype: "FP32".into(),
             shape: vec![1, 3, 224, 224],
             contents: Some(InferTensorContents {
-                fp32_contents: normalise(&golden_pixels("chelsea")),
+                fp32_contents: normalise(&pixels),
                 ..Default::default()
             }),
             ..Default::default()
@@ -178,13 +211,38 @@ async fn a_batch_request_equals_single_requests_and_fp32_input_matches_uint8() {
         ..Default::default()
     };
     let resp = client
-        .model_infer(req)
+        .model_infer(fp32(NORMALISED))
         .await
         .expect("fp32 infer")
         .into_inner();
     assert!(
-        max_abs_diff(&f32s(&resp.raw_output_contents[0]), &singles[..1000]) <= 5e-5,
+        max_abs_diff(&f32s(&resp.raw_output_contents[0]), &from_pixels) <= 5e-5,
         "FP32 input differs from UINT8"
+    );
+    let refused = client
+        .model_infer(fp32(MODEL))
+        .await
+        .expect_err("the pixels model has no FP32 input");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused
+            .message()
+            .contains("unknown input `input`; this model takes `pixels`"),
+        "{}",
+        refused.message()
+    );
+    let mut pixels_to_normalised = pixels_request(pixels, 1, vec![]);
+    pixels_to_normalised.model_name = NORMALISED.into();
+    let refused = client
+        .model_infer(pixels_to_normalised)
+        .await
+        .expect_err("the normalised model has no pixels input");
+    assert!(
+        refused
+            .message()
+            .contains("this model takes `input` (FP32 [N, 3, 224, 224])"),
+        "{}",
+        refused.message()
     );
     server.stop().await;
 }
@@ -326,13 +384,7 @@ async fn metadata_config_statistics_and_index_describe_the_model() {
         .iter()
         .map(|t| (t.name.as_str(), t.datatype.as_str(), t.shape.clone()))
         .collect();
-    assert_eq!(
-        inputs,
-        [
-            ("pixels", "UINT8", vec![-1, 224, 224, 3]),
-            ("input", "FP32", vec![-1, 3, 224, 224])
-        ]
-    );
+    assert_eq!(inputs, [("pixels", "UINT8", vec![-1, 224, 224, 3])]);
     let outputs: Vec<_> = meta
         .outputs
         .iter()

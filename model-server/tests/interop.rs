@@ -47,3 +47,81 @@ async fn tritonclient_grpc_gets_the_detectors_boxes_in_the_efficient_nms_layout(
     run_script(&server, script, data, "tritonclient detection: ok").await;
     server.stop().await;
 }
+
+/// Triton's own benchmark tool, perf_analyzer 2.51 (scripts/perf-analyzer.sh installs it), measures both models
+/// with random data and no input file, at concurrency 1 and 2, and the server counts no failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn perf_analyzer_measures_every_model_with_random_data_and_no_input_file() {
+    let server = TestServer::start_with(&detector_repository(), &[]).await;
+    server.wait_ready().await;
+    let script = workspace().join("scripts/perf-analyzer.sh");
+    let url = server.addr.to_string();
+    for model in ["efficientnet-lite0", "yolov3-tiny"] {
+        // Short windows and a loose stability bound: the test shows the tool works, not how fast it goes.
+        let output = tokio::process::Command::new("bash")
+            .arg(&script)
+            .args([
+                "-m",
+                model,
+                "-u",
+                &url,
+                "-i",
+                "grpc",
+                "--concurrency-range",
+                "1:2",
+            ])
+            .args([
+                "--measurement-interval",
+                "1500",
+                "--stability-percentage",
+                "100",
+                "--max-trials",
+                "6",
+            ])
+            .output()
+            .await
+            .expect("run perf_analyzer");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        println!("{stdout}{stderr}");
+        assert!(
+            output.status.success(),
+            "perf_analyzer on {model} failed:\n{stdout}\n{stderr}"
+        );
+        for concurrency in [1, 2] {
+            let line = stdout
+                .lines()
+                .find(|l| l.starts_with(&format!("Concurrency: {concurrency}, throughput: ")))
+                .unwrap_or_else(|| {
+                    panic!("{model}: no summary at concurrency {concurrency}:\n{stdout}")
+                });
+            let throughput: f64 = line
+                .split("throughput: ")
+                .nth(1)
+                .and_then(|t| t.split_whitespace().next())
+                .and_then(|t| t.parse().ok())
+                .unwrap_or_else(|| panic!("{model}: unreadable `{line}`"));
+            assert!(throughput > 0.0, "{model}: `{line}`");
+        }
+        assert!(
+            !stdout.to_lowercase().contains("error"),
+            "{model}: perf_analyzer reported an error:\n{stdout}"
+        );
+    }
+    let mut client = server.client().await;
+    let stats = client
+        .model_statistics(oip_proto::inference::ModelStatisticsRequest::default())
+        .await
+        .expect("statistics")
+        .into_inner();
+    for m in stats.model_stats {
+        let s = m.inference_stats.unwrap_or_default();
+        let (ok, failed) = (
+            s.success.unwrap_or_default().count,
+            s.fail.unwrap_or_default().count,
+        );
+        assert!(ok > 0, "{}: perf_analyzer sent nothing", m.name);
+        assert_eq!(failed, 0, "{}: {failed} requests failed", m.name);
+    }
+    server.stop().await;
+}

@@ -44,6 +44,17 @@ impl Repo {
         dir
     }
 
+    /// Copies the real model's version 1 into `<model>/<version>`, set to take the normalised FP32 input.
+    pub fn add_normalised(&self, model: &str, version: u64) -> PathBuf {
+        let dir = self.add(model, version);
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).expect("config");
+        let mut config: serde_json::Value = serde_json::from_str(&text).expect("config JSON");
+        config["input_format"] = "normalised".into();
+        std::fs::write(&path, config.to_string()).expect("write config");
+        dir
+    }
+
     /// Publishes a version the safe way: copied under a temporary name, then renamed into place.
     pub fn publish(&self, model: &str, version: u64) -> PathBuf {
         let staging = self.0.join(model).join(format!(".tmp-{version}"));
