@@ -84,6 +84,19 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTION_AGE_GRACE_SECS", default_value_t = 30)]
     pub max_connection_age_grace_secs: u64,
 
+    /// PEM certificate chain of the gRPC port: with `--tls-key`, gRPC is served over TLS only. The HTTP port
+    /// (metrics, probes, REST) stays plain text, for scrapers and probes inside the cluster.
+    #[arg(long, env = "TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates for mutual TLS: clients must present a certificate signed by one of them.
+    #[arg(long, env = "TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// After SIGTERM, seconds that calls in flight and queued may take to finish before the server
     /// exits anyway. Health turns NOT_SERVING and new calls are refused at once.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]

@@ -22,6 +22,7 @@ pub mod repository_setup;
 pub mod rest;
 pub mod service;
 pub mod stats;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -183,7 +184,7 @@ pub async fn serve_with(
         .max_encoding_message_size(config.max_message_size);
 
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, %http_addr, threads, instances = config.instance_count(), repository = %config.model_repository.display(), "gRPC server listening");
+    tracing::info!(%addr, %http_addr, tls = config.tls_cert.is_some(), mutual_tls = config.tls_client_ca.is_some(), threads, instances = config.instance_count(), repository = %config.model_repository.display(), "gRPC server listening");
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let (began, draining) = tokio::sync::oneshot::channel::<()>();
     let shutdown = {
@@ -205,6 +206,12 @@ pub async fn serve_with(
         }
     };
     let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls::server_config(&config)? {
+        // A malformed certificate or key is found here, before the port answers.
+        builder = builder
+            .tls_config(tls)
+            .context("the TLS certificate or key (--tls-cert, --tls-key, --tls-client-ca)")?;
+    }
     if config.max_connection_age_secs > 0 {
         builder = builder
             .max_connection_age(Duration::from_secs(config.max_connection_age_secs))

@@ -27,7 +27,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Asks a running server, over gRPC health, whether it is serving, and exits 0 only if so.
-    /// Container health checks use it: the runtime image has no other gRPC client.
+    /// Container health checks use it: the runtime image has no other gRPC client. When the gRPC port serves
+    /// TLS (`--tls-cert` is set) it asks the HTTP port's `/v2/health/ready` instead, the same readiness, as the
+    /// check has no certificate to show a server that wants one.
     Healthcheck {
         /// Server to ask [default: --grpc-addr, on loopback when that binds every interface].
         #[arg(long)]
@@ -43,9 +45,16 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config;
     if let Some(Command::Healthcheck { addr, timeout_secs }) = cli.command {
-        let addr = addr.unwrap_or_else(|| loopback_for(config.grpc_addr));
+        let timeout = Duration::from_secs(timeout_secs);
+        let result = if config.tls_cert.is_some() {
+            let addr = addr.unwrap_or_else(|| loopback_for(config.http_addr));
+            http_healthcheck(addr, timeout).await
+        } else {
+            let addr = addr.unwrap_or_else(|| loopback_for(config.grpc_addr));
+            healthcheck(addr, timeout).await
+        };
         // One line, no backtrace: this is what `docker inspect` shows as the health log.
-        if let Err(e) = healthcheck(addr, Duration::from_secs(timeout_secs)).await {
+        if let Err(e) = result {
             eprintln!("unhealthy: {e:#}");
             std::process::exit(1);
         }
@@ -91,5 +100,33 @@ async fn healthcheck(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> 
         status.as_str_name()
     );
     println!("{addr}: SERVING");
+    Ok(())
+}
+
+/// Asks the HTTP port's `/v2/health/ready`, which answers 200 under the same rule as gRPC health.
+async fn http_healthcheck(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        let request =
+            format!("GET /v2/health/ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        let head = String::from_utf8_lossy(&answer);
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("no status")
+            .to_owned();
+        anyhow::Ok(status)
+    };
+    let status = tokio::time::timeout(timeout, probe)
+        .await
+        .with_context(|| format!("no answer from {addr} within {timeout:?}"))??;
+    anyhow::ensure!(status == "200", "{addr}/v2/health/ready answers {status}");
+    println!("{addr}: ready");
     Ok(())
 }

@@ -233,6 +233,15 @@ impl TestServer {
     }
 
     /// Stops the server and waits for it to exit cleanly.
+    /// Waits for the server to end by itself (a start-up error) and returns how it ended.
+    pub async fn exit(mut self) -> anyhow::Result<()> {
+        let task = self.task.take().expect("server task");
+        tokio::time::timeout(std::time::Duration::from_secs(60), task)
+            .await
+            .expect("the server kept running")
+            .expect("server task")
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
