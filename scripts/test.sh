@@ -53,6 +53,9 @@ cargo test --workspace --locked "$@"
 say "running scripts/bench.sh --smoke"
 scripts/bench.sh --smoke
 
+say "checking that both images run as non-root users with read-only root filesystems"
+.venv/bin/python scripts/check-containers.py
+
 if command -v kubectl >/dev/null 2>&1; then
     say "checking the Kubernetes manifests"
     .venv/bin/python scripts/check-k8s.py
