@@ -300,7 +300,8 @@ fn parse_selection(parameters: &HashMap<String, InferParameter>) -> Result<Selec
         selection.score_threshold = v as f32;
     }
     if let Some(v) = number(IOU_THRESHOLD)? {
-        if !(v > 0.0 && v <= 1.0) {
+        // Checked as the f32 it becomes: a double too small for an f32 would turn into 0.
+        if !(v as f32 > 0.0 && v <= 1.0) {
             return Err(invalid(format!(
                 "parameter `{IOU_THRESHOLD}` must be above 0 and at most 1, got {v}"
             )));
@@ -882,6 +883,8 @@ mod tests {
         for (name, value, phrase) in [
             (SCORE_THRESHOLD, double(1.5), "between 0 and 1"),
             (IOU_THRESHOLD, double(0.0), "above 0"),
+            // Found by the fuzz target: above 0 as a double, but 0 once made the f32 the NMS compares with.
+            (IOU_THRESHOLD, double(1e-300), "above 0"),
             (MAX_DETECTIONS, int64_param(0), "from 1 to 1000"),
             (MAX_DETECTIONS, double(2.5), "an integer"),
             (MAX_DETECTIONS, int64_param(1001), "from 1 to 1000"),
