@@ -93,6 +93,12 @@ pub struct Config {
     #[arg(long, env = "MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_image_bytes: usize,
 
+    /// Images one predict or detect request may carry (a JSON `images` list or several multipart `image`
+    /// fields); they are fetched and prepared at once and sent to the model tier in as few calls as its
+    /// `max_batch_size` allows, side by side.
+    #[arg(long, env = "MAX_IMAGES_PER_REQUEST", default_value_t = 16)]
+    pub max_images_per_request: usize,
+
     /// Largest decoded image accepted, in pixels (width x height), checked from the header before decoding.
     #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
@@ -168,6 +174,10 @@ impl Config {
         anyhow::ensure!(
             self.max_image_bytes > 0,
             "--max-image-bytes must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_images_per_request > 0,
+            "--max-images-per-request must be at least 1"
         );
         anyhow::ensure!(
             self.fetch_timeout_ms >= self.fetch_connect_timeout_ms,
@@ -281,6 +291,7 @@ mod tests {
         assert_eq!(config.model_server, "http://localhost:8001");
         assert_eq!(config.default_model, "efficientnet-lite0");
         assert_eq!(config.default_detection_model, "yolov3-tiny");
+        assert_eq!(config.max_images_per_request, 16);
         assert!(config.validate().unwrap().is_empty());
         assert_eq!(
             config.recipe_for("efficientnet-lite0"),

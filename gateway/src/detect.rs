@@ -1,19 +1,20 @@
-//! One detection: image bytes or URL in, boxes in the original image's pixels and per-phase timings out.
+//! Detection: image bytes or URLs in, boxes in each original image's pixels and per-phase timings out.
 
 use std::time::Instant;
 
+use image::RgbImage;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::AppState;
+use crate::batch::{self, Answer};
 use crate::error::ApiError;
 use crate::model_client::{DetectRequest, ModelKind};
-use crate::predict::{
-    ModelRef, Phases, PredictInput, Timings, check_kind, fetch_image, prepare, resolve_model,
-};
-use crate::preprocess::{LETTERBOX_FILL, Letterbox, letterbox};
+use crate::predict::{ModelRef, PredictInput, Timings, check_kind, resolve_model};
+use crate::preprocess::{LETTERBOX_FILL, letterbox};
 
-/// The detect response body.
-#[derive(Debug, Clone, Serialize)]
+/// The detect answer for one image.
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct DetectResponse {
     /// Model that answered.
     pub model: ModelRef,
@@ -28,14 +29,16 @@ pub struct DetectResponse {
 }
 
 /// Width and height in pixels.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 pub struct ImageSize {
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
 }
 
 /// One object found.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Detection {
     /// Class name.
     pub label: String,
@@ -49,21 +52,25 @@ pub struct Detection {
 }
 
 /// Top-left and bottom-right corners, in pixels.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 pub struct BoundingBox {
+    /// Left edge.
     pub x1: f64,
+    /// Top edge.
     pub y1: f64,
+    /// Right edge.
     pub x2: f64,
+    /// Bottom edge.
     pub y2: f64,
 }
 
-/// Runs the whole detection pipeline for one image; the caller holds its place from
-/// [`admit`](crate::predict::admit).
+/// Runs the whole detection pipeline for the request's images, as one batch on the model tier; the caller holds
+/// its place from [`admit`](crate::predict::admit).
 pub async fn detect(
     state: &AppState,
     input: PredictInput,
     request_id: &str,
-) -> Result<DetectResponse, ApiError> {
+) -> Result<Answer<DetectResponse>, ApiError> {
     let started = Instant::now();
     if input.top_k.is_some() {
         return Err(ApiError::BadRequest(
@@ -83,77 +90,72 @@ pub async fn detect(
     let spec = state.catalog.spec(&model, &version).await?;
     check_kind(&spec, ModelKind::Detection)?;
 
-    let mut timings = Timings::default();
-    let bytes = fetch_image(state, input.source, &mut timings).await?;
-
-    let phases = Phases::default();
-    // Where the image landed in the input that answered, and its size: the catalog may prepare it twice.
-    let placed = std::sync::Mutex::new(None::<(Letterbox, ImageSize)>);
-    let t = Instant::now();
-    let answer = state
-        .catalog
-        .run(&model, &version, spec, |spec| {
-            let (bytes, phases, placed) = (bytes.clone(), &phases, &placed);
-            async move {
-                let t = Instant::now();
-                let (height, width) = (spec.height, spec.width);
-                let ((pixels, letterboxed, size), decode_time, preprocess_time) =
-                    prepare(state, bytes, move |image| {
-                        let size = ImageSize {
-                            width: image.width(),
-                            height: image.height(),
-                        };
-                        let (pixels, letterboxed) = letterbox(image, height, width, LETTERBOX_FILL)
-                            .map_err(|e| ApiError::Internal(e.to_string()))?;
-                        Ok((pixels, letterboxed, size))
-                    })
-                    .await?;
-                phases.record(state, decode_time, preprocess_time, t.elapsed());
-                *placed
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((letterboxed, size));
-                Ok::<_, ApiError>(DetectRequest {
-                    spec,
-                    pixels,
-                    min_score,
-                    request_id: request_id.to_owned(),
-                })
+    let fetched = batch::fetch_all(state, input.images, started).await;
+    // Each image keeps where it landed in the input that answered, and its size, to map the boxes back.
+    let outcomes = batch::infer(
+        state,
+        (&model, &version),
+        spec,
+        fetched,
+        |spec| {
+            let (height, width) = (spec.height, spec.width);
+            move |image: &RgbImage| {
+                let size = ImageSize {
+                    width: image.width(),
+                    height: image.height(),
+                };
+                let (pixels, letterboxed) = letterbox(image, height, width, LETTERBOX_FILL)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                Ok((pixels, (letterboxed, size)))
             }
-        })
-        .await?;
-    phases.finish(state, t, started, &mut timings);
-    let (letterboxed, size) = placed
-        .into_inner()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .ok_or_else(|| ApiError::Internal("the image was never prepared".into()))?;
-    let detections = answer
-        .boxes
+        },
+        |spec, images| {
+            Ok(DetectRequest {
+                spec,
+                images,
+                min_score,
+                request_id: request_id.to_owned(),
+            })
+        },
+    )
+    .await?;
+    let results = outcomes
         .into_iter()
-        .map(|b| {
-            let [x1, y1, x2, y2] = letterboxed.to_original(b.bbox, size.width, size.height);
-            Detection {
-                label: b.label,
-                class_id: b.class_id,
-                score: b.score,
-                bbox: BoundingBox {
-                    x1: round2(x1),
-                    y1: round2(y1),
-                    x2: round2(x2),
-                    y2: round2(y2),
-                },
-            }
+        .map(|(outcome, timings)| {
+            outcome.map(|((letterboxed, size), answer)| {
+                let detections = answer
+                    .boxes
+                    .into_iter()
+                    .map(|b| {
+                        let [x1, y1, x2, y2] =
+                            letterboxed.to_original(b.bbox, size.width, size.height);
+                        Detection {
+                            label: b.label,
+                            class_id: b.class_id,
+                            score: b.score,
+                            bbox: BoundingBox {
+                                x1: round2(x1),
+                                y1: round2(y1),
+                                x2: round2(x2),
+                                y2: round2(y2),
+                            },
+                        }
+                    })
+                    .collect();
+                DetectResponse {
+                    model: ModelRef {
+                        name: answer.model,
+                        version: answer.version,
+                    },
+                    image: size,
+                    detections,
+                    timings_ms: timings,
+                    request_id: request_id.to_owned(),
+                }
+            })
         })
         .collect();
-    Ok(DetectResponse {
-        model: ModelRef {
-            name: answer.model,
-            version: answer.version,
-        },
-        image: size,
-        detections,
-        timings_ms: timings,
-        request_id: request_id.to_owned(),
-    })
+    batch::answer(input.batch, results)
 }
 
 /// Hundredths of a pixel are plenty, and keep the JSON short.

@@ -3,7 +3,8 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::decode::DecodeError;
 use crate::fetch::FetchError;
@@ -25,6 +26,12 @@ pub enum ApiError {
     #[error("image is larger than the limit of {limit} bytes")]
     TooLarge {
         /// The limit in bytes.
+        limit: usize,
+    },
+    /// The request carries more images than `--max-images-per-request`.
+    #[error("the request carries more than {limit} images, the limit per request: split it")]
+    TooManyImages {
+        /// The limit.
         limit: usize,
     },
     /// The image could not be decoded.
@@ -74,6 +81,9 @@ impl ApiError {
             ApiError::BadJson(_) => (StatusCode::BAD_REQUEST, "bad_json", Client),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", Client),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large", Client),
+            ApiError::TooManyImages { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too_many_images", Client)
+            }
             ApiError::Decode(DecodeError::TooManyPixels { .. }) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large", Client)
             }
@@ -122,11 +132,39 @@ impl ApiError {
     }
 }
 
+/// The body of every error answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// A stable code to branch on and a message for people.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, snake_case: `bad_request`, `invalid_image`, `model_not_found`, ...
+    pub code: String,
+    /// What happened and, where it helps, what to send instead.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// The body for `code` and `message`.
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+            },
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, severity) = self.classify();
         let message = self.to_string();
-        let body = json!({ "error": { "code": code, "message": message } });
+        let body = ErrorBody::new(code, message.clone());
         let mut response = (status, Json(body)).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS {
             // Shedding is meant to be brief: tell well-behaved clients when to come back.
@@ -153,6 +191,7 @@ mod tests {
             ApiError::BadJson("x".into()),
             ApiError::BadRequest("x".into()),
             ApiError::TooLarge { limit: 1 },
+            ApiError::TooManyImages { limit: 1 },
             ApiError::Decode(DecodeError::UnknownFormat),
             ApiError::Fetch(FetchError::Timeout),
             ApiError::Fetch(FetchError::Upstream("x".into())),

@@ -1,17 +1,21 @@
 //! The HTTP gateway: turns "here is an image" into a prediction from an Open Inference Protocol model
 //! server. [`app`] builds the router for tests; [`run`] serves it.
 
+pub mod batch;
 pub mod config;
 pub mod decode;
 pub mod detect;
 pub mod error;
 pub mod fetch;
+pub mod health;
 pub mod metrics;
 pub mod model_client;
 pub mod models;
+pub mod openapi;
 pub mod page;
 pub mod predict;
 pub mod preprocess;
+pub mod request;
 pub mod routes;
 pub mod telemetry;
 

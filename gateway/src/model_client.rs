@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 pub use discovery::{Resolve, SystemResolver, Target};
 pub use grpc::{ClientOptions, GrpcModelClient};
@@ -70,28 +71,33 @@ pub struct ModelSpec {
     pub kind: ModelKind,
     /// A detector's class names, in class order, from its ModelConfig (a classifier's come with each answer).
     pub labels: Arc<Vec<String>>,
+    /// Most images one model call may carry, from ModelConfig's `max_batch_size`; a larger batch is sent as
+    /// several calls. None when the model tier does not say.
+    pub max_batch_size: Option<usize>,
 }
 
-/// One classification request to the model tier.
+/// One classification request to the model tier: a batch of images, run in as few model calls as the model's
+/// `max_batch_size` allows.
 #[derive(Debug, Clone)]
 pub struct ClassifyRequest {
     /// The model as described by its metadata.
     pub spec: Arc<ModelSpec>,
-    /// `height * width * 3` RGB bytes.
-    pub pixels: Vec<u8>,
+    /// One buffer of `height * width * 3` RGB bytes per image, in the order the answers come back.
+    pub images: Vec<Vec<u8>>,
     /// Classes wanted.
     pub top_k: u32,
     /// Passed on for correlating logs.
     pub request_id: String,
 }
 
-/// One detection request to the model tier.
+/// One detection request to the model tier: a batch of images, run in as few model calls as the model's
+/// `max_batch_size` allows.
 #[derive(Debug, Clone)]
 pub struct DetectRequest {
     /// The model as described by its metadata.
     pub spec: Arc<ModelSpec>,
-    /// `height * width * 3` RGB bytes, letterboxed.
-    pub pixels: Vec<u8>,
+    /// One buffer of `height * width * 3` letterboxed RGB bytes per image, in the order the answers come back.
+    pub images: Vec<Vec<u8>>,
     /// Lowest score kept; the model's default when absent.
     pub min_score: Option<f32>,
     /// Passed on for correlating logs.
@@ -123,7 +129,7 @@ pub struct Detections {
 }
 
 /// One class of a prediction.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Prediction {
     /// Human-readable class name.
     pub label: String,
@@ -145,7 +151,7 @@ pub struct Classification {
 }
 
 /// Where a model version is in its life on the model tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum VersionState {
     /// Serving.
@@ -231,10 +237,10 @@ pub trait ModelClient: Send + Sync + 'static {
     async fn metadata(&self, model: &str, version: &str) -> Result<ModelSpec, ModelError>;
     /// Whether `model` can serve now.
     async fn ready(&self, model: &str, version: &str) -> Result<bool, ModelError>;
-    /// Runs one image through the model and returns the `top_k` classes.
-    async fn classify(&self, request: ClassifyRequest) -> Result<Classification, ModelError>;
-    /// Runs one letterboxed image through a detector and returns its boxes.
-    async fn detect(&self, request: DetectRequest) -> Result<Detections, ModelError> {
+    /// Runs the request's images through the model in one call and returns each one's `top_k` classes, in order.
+    async fn classify(&self, request: ClassifyRequest) -> Result<Vec<Classification>, ModelError>;
+    /// Runs the request's letterboxed images through a detector in one call and returns each one's boxes, in order.
+    async fn detect(&self, request: DetectRequest) -> Result<Vec<Detections>, ModelError> {
         Err(ModelError::Unsupported(format!(
             "this model tier cannot run the detector {}",
             request.spec.name
@@ -257,18 +263,26 @@ pub trait Call: Send {
     async fn send(self, client: &dyn ModelClient) -> Result<Self::Answer, ModelError>;
 }
 
+// A batch whose every image failed before the model needs no call: its answer is empty.
+
 #[async_trait]
 impl Call for ClassifyRequest {
-    type Answer = Classification;
-    async fn send(self, client: &dyn ModelClient) -> Result<Classification, ModelError> {
+    type Answer = Vec<Classification>;
+    async fn send(self, client: &dyn ModelClient) -> Result<Vec<Classification>, ModelError> {
+        if self.images.is_empty() {
+            return Ok(Vec::new());
+        }
         client.classify(self).await
     }
 }
 
 #[async_trait]
 impl Call for DetectRequest {
-    type Answer = Detections;
-    async fn send(self, client: &dyn ModelClient) -> Result<Detections, ModelError> {
+    type Answer = Vec<Detections>;
+    async fn send(self, client: &dyn ModelClient) -> Result<Vec<Detections>, ModelError> {
+        if self.images.is_empty() {
+            return Ok(Vec::new());
+        }
         client.detect(self).await
     }
 }
@@ -406,7 +420,7 @@ mod tests {
         async fn ready(&self, _: &str, _: &str) -> Result<bool, ModelError> {
             Ok(true)
         }
-        async fn classify(&self, _: ClassifyRequest) -> Result<Classification, ModelError> {
+        async fn classify(&self, _: ClassifyRequest) -> Result<Vec<Classification>, ModelError> {
             Err(ModelError::Other("unused".into()))
         }
         async fn repository(&self) -> Result<Vec<RepositoryEntry>, ModelError> {
@@ -496,7 +510,10 @@ mod tests {
         async fn ready(&self, _: &str, _: &str) -> Result<bool, ModelError> {
             Ok(true)
         }
-        async fn classify(&self, request: ClassifyRequest) -> Result<Classification, ModelError> {
+        async fn classify(
+            &self,
+            request: ClassifyRequest,
+        ) -> Result<Vec<Classification>, ModelError> {
             let spec = &request.spec;
             self.asked.lock().unwrap().push(spec.version.clone());
             if let Some(error) = self.error.lock().unwrap().clone() {
@@ -506,16 +523,20 @@ mod tests {
                 .filter(|v| self.served.lock().unwrap().contains(v))
                 .ok_or_else(|| ModelError::NotFound(format!("no version `{}`", spec.version)))?;
             let side = version as usize * 10;
-            if request.pixels.len() != side * side * 3 {
+            if request
+                .images
+                .iter()
+                .any(|image| image.len() != side * side * 3)
+            {
                 return Err(ModelError::InvalidArgument(format!(
                     "version {version} takes {side}x{side} pixels"
                 )));
             }
-            Ok(Classification {
+            Ok(vec![Classification {
                 model: spec.name.clone(),
                 version: version.to_string(),
                 predictions: Vec::new(),
-            })
+            }])
         }
         async fn repository(&self) -> Result<Vec<RepositoryEntry>, ModelError> {
             Ok(Vec::new())
@@ -527,7 +548,7 @@ mod tests {
         let pixels = vec![0; spec.height as usize * spec.width as usize * 3];
         Ok(ClassifyRequest {
             spec,
-            pixels,
+            images: vec![pixels],
             top_k: 1,
             request_id: "r".into(),
         })
@@ -535,7 +556,10 @@ mod tests {
 
     async fn classify(catalog: &ModelCatalog, version: &str) -> Result<Classification, ModelError> {
         let spec = catalog.spec("m", version).await?;
-        catalog.run("m", version, spec, sized).await
+        let mut answers = catalog.run("m", version, spec, sized).await?;
+        answers
+            .pop()
+            .ok_or_else(|| ModelError::Other("no answer".into()))
     }
 
     #[test]
@@ -617,7 +641,7 @@ mod tests {
         assert!(!Arc::ptr_eq(&held, &refreshed));
         tier.serve(&[2]);
         let answer = catalog.run("m", "", held, sized).await.unwrap();
-        assert_eq!(answer.version, "2");
+        assert_eq!(answer[0].version, "2");
         assert_eq!(tier.asked(), ["1", "2"]);
     }
 

@@ -4,11 +4,12 @@ use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::model_client::{RepositoryEntry, VersionState, parse_version};
 
 /// Every model the model tier has.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ModelList {
     /// The model a predict request without `model` gets.
     pub default_model: String,
@@ -17,7 +18,7 @@ pub struct ModelList {
 }
 
 /// One model and its versions.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ModelListing {
     /// Model name.
     pub name: String,
@@ -29,7 +30,7 @@ pub struct ModelListing {
 }
 
 /// One version of a model.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct VersionListing {
     /// Version, a decimal string.
     pub version: String,

@@ -1,9 +1,9 @@
 //! The upload page: static HTML, CSS and JavaScript compiled into the binary, no build step.
 
-use axum::Router;
 use axum::http::header;
-use axum::response::{Html, IntoResponse};
-use axum::routing::get;
+use axum::response::{Html, IntoResponse, Response};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
 
@@ -12,27 +12,38 @@ const APP_JS: &str = include_str!("../assets/app.js");
 const STYLE_CSS: &str = include_str!("../assets/style.css");
 
 /// `GET /` and the page's script and stylesheet.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/", get(|| async { Html(INDEX_HTML) }))
-        .route(
-            "/static/app.js",
-            get(|| async {
-                (
-                    [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-                    APP_JS,
-                )
-                    .into_response()
-            }),
-        )
-        .route(
-            "/static/style.css",
-            get(|| async {
-                (
-                    [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
-                    STYLE_CSS,
-                )
-                    .into_response()
-            }),
-        )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(index))
+        .routes(routes!(app_js))
+        .routes(routes!(style_css))
+}
+
+/// The upload page.
+#[utoipa::path(get, path = "/", tag = "page",
+    responses((status = 200, description = "The upload page", content_type = "text/html", body = String)))]
+async fn index() -> Html<&'static str> {
+    Html(INDEX_HTML)
+}
+
+/// The upload page's script.
+#[utoipa::path(get, path = "/static/app.js", tag = "page",
+    responses((status = 200, description = "JavaScript", content_type = "text/javascript", body = String)))]
+async fn app_js() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        APP_JS,
+    )
+        .into_response()
+}
+
+/// The upload page's stylesheet.
+#[utoipa::path(get, path = "/static/style.css", tag = "page",
+    responses((status = 200, description = "CSS", content_type = "text/css", body = String)))]
+async fn style_css() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        STYLE_CSS,
+    )
+        .into_response()
 }

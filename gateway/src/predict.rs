@@ -1,6 +1,5 @@
-//! One prediction: image bytes or URL in, classes and per-phase timings out.
+//! Prediction: image bytes or URLs in, classes and per-phase timings out, per image.
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -8,8 +7,10 @@ use image::RgbImage;
 use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
+use utoipa::ToSchema;
 
 use crate::AppState;
+use crate::batch::{self, Answer};
 use crate::decode::decode;
 use crate::error::ApiError;
 use crate::model_client::{ClassifyRequest, ModelKind, ModelSpec, Prediction};
@@ -24,11 +25,13 @@ pub enum ImageSource {
     Bytes(Bytes),
 }
 
-/// A parsed predict request.
-#[derive(Debug, Clone)]
+/// A parsed predict or detect request.
+#[derive(Debug)]
 pub struct PredictInput {
-    /// The image.
-    pub source: ImageSource,
+    /// The images, in order; one the request did not say well enough keeps why.
+    pub images: Vec<Result<ImageSource, ApiError>>,
+    /// Whether the request used a list form and gets one result per image.
+    pub batch: bool,
     /// Model name; the configured default when absent.
     pub model: Option<String>,
     /// Version, a positive decimal integer; the configured one when absent, and without either the newest
@@ -40,8 +43,8 @@ pub struct PredictInput {
     pub min_score: Option<f32>,
 }
 
-/// The predict response body.
-#[derive(Debug, Clone, Serialize)]
+/// The answer for one image.
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct PredictResponse {
     /// Model that answered.
     pub model: ModelRef,
@@ -54,7 +57,7 @@ pub struct PredictResponse {
 }
 
 /// Model name and version.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ModelRef {
     /// Model name.
     pub name: String,
@@ -63,7 +66,7 @@ pub struct ModelRef {
 }
 
 /// Milliseconds spent per phase.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
 pub struct Timings {
     /// Downloading the image (0 for uploads).
     pub fetch: f64,
@@ -71,13 +74,14 @@ pub struct Timings {
     pub decode: f64,
     /// Cropping and resizing.
     pub preprocess: f64,
-    /// The model-tier call.
+    /// The model-tier call, shared by the images of a batch.
     pub inference: f64,
     /// The whole request as the gateway saw it.
     pub total: f64,
 }
 
-fn ms(d: Duration) -> f64 {
+/// Milliseconds to two decimals.
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 100.0
 }
 
@@ -90,12 +94,13 @@ pub fn admit(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
     })
 }
 
-/// Runs the whole pipeline for one image; the caller holds its place from [`admit`].
+/// Runs the whole pipeline for the request's images, as one batch on the model tier; the caller holds its place
+/// from [`admit`].
 pub async fn predict(
     state: &AppState,
     input: PredictInput,
     request_id: &str,
-) -> Result<PredictResponse, ApiError> {
+) -> Result<Answer<PredictResponse>, ApiError> {
     let started = Instant::now();
     let config = &state.config;
     if input.min_score.is_some() {
@@ -106,50 +111,50 @@ pub async fn predict(
     let (model, version) = resolve_model(&input, &config.default_model, &config.model_version);
     let spec = state.catalog.spec(&model, &version).await?;
     check_kind(&spec, ModelKind::Classification)?;
-    // Checked before the image is fetched, so a wrong request costs no download.
+    // Checked before the images are fetched, so a wrong request costs no download.
     top_k_for(&spec, input.top_k, config.default_top_k)?;
 
-    let mut timings = Timings::default();
-    let bytes = fetch_image(state, input.source, &mut timings).await?;
-
-    let phases = Phases::default();
-    let t = Instant::now();
-    let classification = state
-        .catalog
-        .run(&model, &version, spec, |spec| {
-            let (bytes, phases) = (bytes.clone(), &phases);
-            let requested_k = input.top_k;
-            async move {
-                let t = Instant::now();
-                let top_k = top_k_for(&spec, requested_k, config.default_top_k)?;
-                let recipe = config.recipe_for(&spec.name);
-                let (height, width) = (spec.height, spec.width);
-                let (pixels, decode_time, preprocess_time) = prepare(state, bytes, move |image| {
-                    preprocess(image, recipe, height, width)
-                        .map_err(|e| ApiError::Internal(e.to_string()))
-                })
-                .await?;
-                phases.record(state, decode_time, preprocess_time, t.elapsed());
-                Ok::<_, ApiError>(ClassifyRequest {
-                    spec,
-                    pixels,
-                    top_k,
-                    request_id: request_id.to_owned(),
-                })
+    let fetched = batch::fetch_all(state, input.images, started).await;
+    let requested_k = input.top_k;
+    let outcomes = batch::infer(
+        state,
+        (&model, &version),
+        spec,
+        fetched,
+        |spec| {
+            let recipe = config.recipe_for(&spec.name);
+            let (height, width) = (spec.height, spec.width);
+            move |image: &RgbImage| {
+                preprocess(image, recipe, height, width)
+                    .map(|pixels| (pixels, ()))
+                    .map_err(|e| ApiError::Internal(e.to_string()))
             }
-        })
-        .await?;
-    phases.finish(state, t, started, &mut timings);
-
-    Ok(PredictResponse {
-        model: ModelRef {
-            name: classification.model,
-            version: classification.version,
         },
-        predictions: classification.predictions,
-        timings_ms: timings,
-        request_id: request_id.to_owned(),
-    })
+        |spec, images| {
+            Ok(ClassifyRequest {
+                top_k: top_k_for(&spec, requested_k, config.default_top_k)?,
+                spec,
+                images,
+                request_id: request_id.to_owned(),
+            })
+        },
+    )
+    .await?;
+    let results = outcomes
+        .into_iter()
+        .map(|(outcome, timings)| {
+            outcome.map(|((), classification)| PredictResponse {
+                model: ModelRef {
+                    name: classification.model,
+                    version: classification.version,
+                },
+                predictions: classification.predictions,
+                timings_ms: timings,
+                request_id: request_id.to_owned(),
+            })
+        })
+        .collect();
+    batch::answer(input.batch, results)
 }
 
 /// The model and version a request names, or its route's defaults ("" for the newest version served).
@@ -217,64 +222,6 @@ fn top_k_for(spec: &ModelSpec, requested: Option<u32>, default: u32) -> Result<u
         )));
     }
     Ok(top_k)
-}
-
-/// Time spent turning the image into a model's pixels, over every request made for it.
-#[derive(Debug, Clone, Copy, Default)]
-struct Prepared {
-    decode: Duration,
-    preprocess: Duration,
-    /// Decoding and preprocessing plus waiting for an image worker.
-    total: Duration,
-}
-
-/// The phases of one request to the model tier. The catalog asks for a second request when the version is
-/// replaced under the first, maybe at another size; the time spent preparing is kept apart from the model
-/// tier's.
-#[derive(Debug, Default)]
-pub(crate) struct Phases(Mutex<Prepared>);
-
-impl Phases {
-    /// Counts one preparation: decoding, preprocessing, and both with the wait for a worker.
-    pub(crate) fn record(
-        &self,
-        state: &AppState,
-        decode: Duration,
-        preprocess: Duration,
-        total: Duration,
-    ) {
-        state.metrics.phase("decode", decode);
-        state.metrics.phase("preprocess", preprocess);
-        let mut prepared = self.lock();
-        prepared.decode += decode;
-        prepared.preprocess += preprocess;
-        prepared.total += total;
-    }
-
-    /// Fills `timings` for a call to the model tier started at `call` by a request started at `started`.
-    pub(crate) fn finish(
-        &self,
-        state: &AppState,
-        call: Instant,
-        started: Instant,
-        timings: &mut Timings,
-    ) {
-        let prepared = *self.lock();
-        let inference = call.elapsed().saturating_sub(prepared.total);
-        timings.decode = ms(prepared.decode);
-        timings.preprocess = ms(prepared.preprocess);
-        state.metrics.phase("inference", inference);
-        timings.inference = ms(inference);
-        state.metrics.phase("total", started.elapsed());
-        timings.total = ms(started.elapsed());
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Prepared> {
-        // Plain durations: a panicking holder leaves nothing inconsistent.
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
 }
 
 /// Decodes and then runs `step` (the model's preprocessing) on the blocking pool, at most

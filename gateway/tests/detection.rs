@@ -202,3 +202,40 @@ async fn golden_photos_by_url_and_upload_find_the_reference_boxes() {
     }
     stack.model_server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_photos_finds_the_boxes_each_finds_alone() {
+    let stack = Stack::start().await;
+    let detect = format!("{}/detect", stack.gateway.url);
+    // Photos of different sizes in one batch: each box must come back in its own photo's pixels.
+    let images: Vec<Value> = YOLO_PHOTOS
+        .iter()
+        .map(|name| {
+            json!({ "image": base64::engine::general_purpose::STANDARD.encode(yolo_png(name)) })
+        })
+        .collect();
+    let (status, batch) = post_json(&stack.client, &detect, &json!({ "images": images })).await;
+    assert_eq!(status, 200, "{batch}");
+    let results = batch["results"].as_array().expect("results");
+    assert_eq!(results.len(), YOLO_PHOTOS.len());
+    for (name, (image, batched)) in YOLO_PHOTOS.iter().zip(images.iter().zip(results)) {
+        let (status, single) = post_json(&stack.client, &detect, image).await;
+        assert_eq!(status, 200, "{name}: {single}");
+        assert_eq!(single["image"], batched["image"], "{name}");
+        let (alone, together) = (
+            single["detections"].as_array().unwrap(),
+            batched["detections"].as_array().unwrap(),
+        );
+        assert_eq!(alone.len(), together.len(), "{name}: {single} vs {batched}");
+        for (a, b) in alone.iter().zip(together) {
+            assert_eq!(a["label"], b["label"], "{name}");
+            let score = (a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs();
+            assert!(score <= 1e-4, "{name}: scores {a} vs {b}");
+            assert!(
+                iou(corners(&a["box"]), corners(&b["box"])) >= 0.999,
+                "{name}: {a} vs {b}"
+            );
+        }
+    }
+    stack.model_server.stop().await;
+}

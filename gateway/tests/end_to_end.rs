@@ -110,6 +110,64 @@ async fn golden_photos_by_url_base64_and_upload() {
     stack.model_server.stop().await;
 }
 
+/// Classes and probabilities of an answer, highest first.
+fn classes(body: &Value) -> Vec<(i64, f64)> {
+    body["predictions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no predictions in {body}"))
+        .iter()
+        .map(|p| {
+            (
+                p["index"].as_i64().unwrap_or(-1),
+                p["probability"].as_f64().unwrap_or(-1.0),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answers_as_single_requests_even_above_the_models_max_batch_size() {
+    let stack = Stack::start().await;
+    // Each golden photo twice: by URL and as base64.
+    let mut images = Vec::new();
+    for (name, _, _) in PHOTOS {
+        images.push(json!({ "url": format!("{}/{name}.png", stack.photos) }));
+        let png = golden_png(name);
+        images.push(json!({ "image": base64::engine::general_purpose::STANDARD.encode(&png) }));
+    }
+    let mut singles = Vec::new();
+    for image in &images {
+        singles.push(answer(stack.predict(image.clone()).await).await);
+    }
+    let batch = answer(stack.predict(json!({ "images": images })).await).await;
+    let results = batch["results"].as_array().expect("results");
+    assert_eq!(results.len(), 8);
+    for (i, (single, batched)) in singles.iter().zip(results).enumerate() {
+        let (single, batched) = (classes(single), classes(batched));
+        let indices = |c: &[(i64, f64)]| c.iter().map(|(i, _)| *i).collect::<Vec<_>>();
+        assert_eq!(indices(&single), indices(&batched), "image {i}");
+        // The server prints probabilities to 6 decimals; a batch may sum in another order than one image.
+        for ((_, a), (_, b)) in single.iter().zip(&batched) {
+            assert!(
+                (a - b).abs() <= 1e-4,
+                "image {i}: {a} alone, {b} in the batch"
+            );
+        }
+        assert_eq!(indices(&batched)[0], PHOTOS[i / 2].1, "image {i}");
+    }
+    // Twelve images, above the model server's max_batch_size of 8: the gateway sends them as two calls and
+    // still answers in order.
+    let twelve: Vec<_> = images.iter().chain(&images[..4]).cloned().collect();
+    let batch = answer(stack.predict(json!({ "images": twelve })).await).await;
+    let results = batch["results"].as_array().expect("results");
+    assert_eq!(results.len(), 12, "{batch}");
+    for (i, result) in results.iter().enumerate() {
+        let top = classes(result).first().map(|(index, _)| *index);
+        assert_eq!(top, Some(PHOTOS[(i % 8) / 2].1), "image {i}: {result}");
+    }
+    stack.model_server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_model_server() {
     let model_server = ModelServer::start("127.0.0.1:0".parse().unwrap()).await;

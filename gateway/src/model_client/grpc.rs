@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures::future::try_join_all;
 use oip_proto::GrpcInferenceServiceClient;
 use oip_proto::inference::infer_parameter::ParameterChoice;
 use oip_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
@@ -223,6 +224,23 @@ impl GrpcModelClient {
 }
 
 impl GrpcModelClient {
+    /// Runs `images` in calls of at most `limit` images side by side, and joins their answers in order.
+    async fn in_batches<T>(
+        &self,
+        images: Vec<Vec<u8>>,
+        limit: Option<usize>,
+        message: impl Fn(Vec<Vec<u8>>) -> ModelInferRequest,
+        answers: impl Fn(&ModelInferResponse, usize) -> Result<Vec<T>, ModelError>,
+    ) -> Result<Vec<T>, ModelError> {
+        let answers = &answers;
+        let calls = chunks(images, limit).map(|images| {
+            let batch = images.len();
+            let message = message(images);
+            async move { answers(&self.infer(message).await?, batch) }
+        });
+        Ok(try_join_all(calls).await?.into_iter().flatten().collect())
+    }
+
     /// One ModelInfer call, its request id passed on for correlating logs.
     async fn infer(&self, message: ModelInferRequest) -> Result<ModelInferResponse, ModelError> {
         let id = message.id.clone();
@@ -246,21 +264,27 @@ impl ModelClient for GrpcModelClient {
             })
             .await?;
         let mut spec = spec_from_metadata(model, version, &metadata)?;
+        // The batch limit, and a detector's class names (its boxes' classes are indices), are in the model's
+        // configuration.
+        let message = ModelConfigRequest {
+            name: model.into(),
+            version: version.into(),
+        };
+        let config = self
+            .call(message, None, |mut client, request| async move {
+                client.model_config(request).await
+            })
+            .await?
+            .config
+            .unwrap_or_default();
+        spec.max_batch_size = usize::try_from(config.max_batch_size)
+            .ok()
+            .filter(|&n| n > 0);
         if spec.kind == ModelKind::Detection {
-            // The boxes' classes are indices: their names are in the model's configuration.
-            let message = ModelConfigRequest {
-                name: model.into(),
-                version: version.into(),
-            };
-            let config = self
-                .call(message, None, |mut client, request| async move {
-                    client.model_config(request).await
-                })
-                .await?;
             let labels = config
-                .config
-                .and_then(|c| c.parameters.get("labels").map(|p| p.string_value.clone()))
-                .map(|text| text.lines().map(str::to_owned).collect())
+                .parameters
+                .get("labels")
+                .map(|p| p.string_value.lines().map(str::to_owned).collect())
                 .unwrap_or_default();
             spec.labels = Arc::new(labels);
         }
@@ -280,16 +304,47 @@ impl ModelClient for GrpcModelClient {
         Ok(response.ready)
     }
 
-    async fn classify(&self, request: ClassifyRequest) -> Result<Classification, ModelError> {
-        let spec = request.spec.clone();
-        let response = self.infer(infer_request(request)).await?;
-        classification_from_response(&spec, &response)
+    async fn classify(&self, request: ClassifyRequest) -> Result<Vec<Classification>, ModelError> {
+        let ClassifyRequest {
+            spec,
+            images,
+            top_k,
+            request_id,
+        } = request;
+        let message = |images| {
+            infer_request(ClassifyRequest {
+                spec: spec.clone(),
+                images,
+                top_k,
+                request_id: request_id.clone(),
+            })
+        };
+        let answers = |response: &ModelInferResponse, batch| {
+            classification_from_response(&spec, response, batch)
+        };
+        self.in_batches(images, spec.max_batch_size, message, answers)
+            .await
     }
 
-    async fn detect(&self, request: DetectRequest) -> Result<Detections, ModelError> {
-        let spec = request.spec.clone();
-        let response = self.infer(detect_request(request)).await?;
-        detections_from_response(&spec, &response)
+    async fn detect(&self, request: DetectRequest) -> Result<Vec<Detections>, ModelError> {
+        let DetectRequest {
+            spec,
+            images,
+            min_score,
+            request_id,
+        } = request;
+        let message = |images| {
+            detect_request(DetectRequest {
+                spec: spec.clone(),
+                images,
+                min_score,
+                request_id: request_id.clone(),
+            })
+        };
+        let answers =
+            |response: &ModelInferResponse, batch| detections_from_response(&spec, response, batch);
+        self.in_batches(images, spec.max_batch_size, message, answers)
+            .await
     }
 
     async fn repository(&self) -> Result<Vec<RepositoryEntry>, ModelError> {
@@ -343,6 +398,17 @@ const DETECTION_OUTPUTS: [&str; 4] = [
     "detection_scores",
     "detection_classes",
 ];
+
+/// A batch cut into model calls of at most `limit` images, in order; one call when there is no limit. The calls
+/// run side by side, so a replica set shares a large batch.
+fn chunks(images: Vec<Vec<u8>>, limit: Option<usize>) -> impl Iterator<Item = Vec<Vec<u8>>> {
+    let size = limit.unwrap_or(usize::MAX).max(1);
+    let mut rest = images.into_iter().peekable();
+    std::iter::from_fn(move || {
+        rest.peek()?;
+        Some(rest.by_ref().take(size).collect())
+    })
+}
 
 /// Picks the UINT8 `[-1, H, W, 3]` input and the classification output out of the metadata; a model with
 /// EfficientNMS's outputs is a detector.
@@ -399,36 +465,50 @@ pub fn spec_from_metadata(
         classes,
         kind: ModelKind::Classification,
         labels: Arc::default(),
+        max_batch_size: None,
     })
 }
 
-/// One image as raw UINT8 NHWC, asking for the top-k classes of the classification output.
+/// The images as one UINT8 `[N, H, W, 3]` input and its raw contents: the images' bytes one after another.
+fn pixels_input(spec: &ModelSpec, images: Vec<Vec<u8>>) -> (InferInputTensor, Vec<u8>) {
+    let batch = i64::try_from(images.len()).unwrap_or(i64::MAX);
+    let input = InferInputTensor {
+        name: spec.input.clone(),
+        datatype: "UINT8".into(),
+        shape: vec![batch, i64::from(spec.height), i64::from(spec.width), 3],
+        parameters: HashMap::new(),
+        contents: None,
+    };
+    // A single image, the common case, is sent without a copy.
+    let raw = match <[Vec<u8>; 1]>::try_from(images) {
+        Ok([only]) => only,
+        Err(images) => images.concat(),
+    };
+    (input, raw)
+}
+
+/// The images as raw UINT8 NHWC, asking for the top-k classes of the classification output.
 pub fn infer_request(request: ClassifyRequest) -> ModelInferRequest {
     let spec = &request.spec;
     let classification = InferParameter {
         parameter_choice: Some(ParameterChoice::Int64Param(i64::from(request.top_k))),
     };
+    let (input, raw) = pixels_input(spec, request.images);
     ModelInferRequest {
         model_name: spec.name.clone(),
         model_version: spec.version.clone(),
         id: request.request_id,
         parameters: HashMap::new(),
-        inputs: vec![InferInputTensor {
-            name: spec.input.clone(),
-            datatype: "UINT8".into(),
-            shape: vec![1, i64::from(spec.height), i64::from(spec.width), 3],
-            parameters: HashMap::new(),
-            contents: None,
-        }],
+        inputs: vec![input],
         outputs: vec![InferRequestedOutputTensor {
             name: spec.output.clone(),
             parameters: HashMap::from([("classification".to_owned(), classification)]),
         }],
-        raw_input_contents: vec![request.pixels],
+        raw_input_contents: vec![raw],
     }
 }
 
-/// One letterboxed image as raw UINT8 NHWC, asking for the detector's four outputs.
+/// The letterboxed images as raw UINT8 NHWC, asking for the detector's four outputs.
 pub fn detect_request(request: DetectRequest) -> ModelInferRequest {
     let spec = &request.spec;
     let mut parameters = HashMap::new();
@@ -440,18 +520,13 @@ pub fn detect_request(request: DetectRequest) -> ModelInferRequest {
             },
         );
     }
+    let (input, raw) = pixels_input(spec, request.images);
     ModelInferRequest {
         model_name: spec.name.clone(),
         model_version: spec.version.clone(),
         id: request.request_id,
         parameters,
-        inputs: vec![InferInputTensor {
-            name: spec.input.clone(),
-            datatype: "UINT8".into(),
-            shape: vec![1, i64::from(spec.height), i64::from(spec.width), 3],
-            parameters: HashMap::new(),
-            contents: None,
-        }],
+        inputs: vec![input],
         outputs: DETECTION_OUTPUTS
             .iter()
             .map(|name| InferRequestedOutputTensor {
@@ -459,15 +534,17 @@ pub fn detect_request(request: DetectRequest) -> ModelInferRequest {
                 parameters: HashMap::new(),
             })
             .collect(),
-        raw_input_contents: vec![request.pixels],
+        raw_input_contents: vec![raw],
     }
 }
 
-/// Reads a detector's answer for one image: its first `num_detections` boxes, scores and classes.
+/// Reads a detector's answer for `batch` images: per image, its first `num_detections` of the `K` rows of boxes,
+/// scores and classes.
 pub fn detections_from_response(
     spec: &ModelSpec,
     response: &ModelInferResponse,
-) -> Result<Detections, ModelError> {
+    batch: usize,
+) -> Result<Vec<Detections>, ModelError> {
     let bad =
         |why: String| ModelError::Other(format!("unexpected answer from the model server: {why}"));
     // Each output's raw little-endian 4-byte values, checked against its datatype.
@@ -492,40 +569,58 @@ pub fn detections_from_response(
             .map(|c| [c[0], c[1], c[2], c[3]])
             .collect())
     };
-    let count = values("num_detections", "INT32")?
-        .first()
-        .map(|v| i32::from_le_bytes(*v))
-        .ok_or_else(|| bad("num_detections is empty".into()))?;
-    let count = usize::try_from(count).map_err(|_| bad(format!("num_detections is {count}")))?;
+    let counts = values("num_detections", "INT32")?;
     let boxes = values("detection_boxes", "FP32")?;
     let scores = values("detection_scores", "FP32")?;
     let classes = values("detection_classes", "INT32")?;
-    if boxes.len() < count * 4 || scores.len() < count || classes.len() < count {
+    if batch == 0 || counts.len() != batch || !scores.len().is_multiple_of(batch) {
         return Err(bad(format!(
-            "{count} detections but fewer boxes, scores or classes"
+            "{} counts and {} scores for {batch} images",
+            counts.len(),
+            scores.len()
         )));
     }
-    let boxes = (0..count)
-        .map(|i| {
-            let class_id = i64::from(i32::from_le_bytes(classes[i]));
-            let label = usize::try_from(class_id)
+    // Rows per image: every image is padded to the same K.
+    let rows = scores.len() / batch;
+    if boxes.len() != batch * rows * 4 || classes.len() != batch * rows {
+        return Err(bad(format!(
+            "{rows} scores per image but {} box values and {} classes for {batch} images",
+            boxes.len(),
+            classes.len()
+        )));
+    }
+    counts
+        .iter()
+        .enumerate()
+        .map(|(image, count)| {
+            let count = i32::from_le_bytes(*count);
+            let count = usize::try_from(count)
                 .ok()
-                .and_then(|c| spec.labels.get(c).cloned())
-                .unwrap_or_else(|| class_id.to_string());
-            let coordinate = |k: usize| f32::from_le_bytes(boxes[i * 4 + k]);
-            DetectedBox {
-                class_id,
-                label,
-                score: f32::from_le_bytes(scores[i]),
-                bbox: [coordinate(0), coordinate(1), coordinate(2), coordinate(3)],
-            }
+                .filter(|&c| c <= rows)
+                .ok_or_else(|| bad(format!("num_detections is {count} of {rows} rows")))?;
+            let boxes = (image * rows..image * rows + count)
+                .map(|i| {
+                    let class_id = i64::from(i32::from_le_bytes(classes[i]));
+                    let label = usize::try_from(class_id)
+                        .ok()
+                        .and_then(|c| spec.labels.get(c).cloned())
+                        .unwrap_or_else(|| class_id.to_string());
+                    let coordinate = |k: usize| f32::from_le_bytes(boxes[i * 4 + k]);
+                    DetectedBox {
+                        class_id,
+                        label,
+                        score: f32::from_le_bytes(scores[i]),
+                        bbox: [coordinate(0), coordinate(1), coordinate(2), coordinate(3)],
+                    }
+                })
+                .collect();
+            Ok(Detections {
+                model: answered_or(&response.model_name, &spec.name),
+                version: answered_or(&response.model_version, &spec.version),
+                boxes,
+            })
         })
-        .collect();
-    Ok(Detections {
-        model: answered_or(&response.model_name, &spec.name),
-        version: answered_or(&response.model_version, &spec.version),
-        boxes,
-    })
+        .collect()
 }
 
 /// What the server named, or what was asked for when it named nothing.
@@ -533,11 +628,13 @@ fn answered_or(answered: &str, asked: &str) -> String {
     if answered.is_empty() { asked } else { answered }.to_owned()
 }
 
-/// Reads the classification output (`"<probability>:<index>:<label>"` BYTES elements, raw or typed).
+/// Reads the classification output for `batch` images: `[N, k]` BYTES elements
+/// `"<probability>:<index>:<label>"`, raw or typed, `k` per image in image order.
 pub fn classification_from_response(
     spec: &ModelSpec,
     response: &ModelInferResponse,
-) -> Result<Classification, ModelError> {
+    batch: usize,
+) -> Result<Vec<Classification>, ModelError> {
     let bad =
         |why: String| ModelError::Other(format!("unexpected answer from the model server: {why}"));
     let position = response
@@ -565,19 +662,37 @@ pub fn classification_from_response(
             .ok_or_else(|| bad("raw output contents missing".into()))?;
         split_raw_bytes(raw).ok_or_else(|| bad("malformed BYTES tensor".into()))?
     };
-    let mut predictions = elements
-        .iter()
-        .map(|e| {
-            parse_class(e)
-                .ok_or_else(|| bad(format!("malformed class `{}`", String::from_utf8_lossy(e))))
+    let rows = output.shape.first().copied();
+    if batch == 0
+        || rows.is_some_and(|n| n != batch as i64)
+        || !elements.len().is_multiple_of(batch)
+    {
+        return Err(bad(format!(
+            "{} classes in shape {:?} for {batch} images",
+            elements.len(),
+            output.shape
+        )));
+    }
+    let per_image = elements.len() / batch;
+    (0..batch)
+        .map(|image| &elements[image * per_image..(image + 1) * per_image])
+        .map(|row| {
+            let mut predictions = row
+                .iter()
+                .map(|e| {
+                    parse_class(e).ok_or_else(|| {
+                        bad(format!("malformed class `{}`", String::from_utf8_lossy(e)))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            predictions.sort_by(|a, b| b.probability.total_cmp(&a.probability));
+            Ok(Classification {
+                model: answered_or(&response.model_name, &spec.name),
+                version: answered_or(&response.model_version, &spec.version),
+                predictions,
+            })
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    predictions.sort_by(|a, b| b.probability.total_cmp(&a.probability));
-    Ok(Classification {
-        model: answered_or(&response.model_name, &spec.name),
-        version: answered_or(&response.model_version, &spec.version),
-        predictions,
-    })
+        .collect()
 }
 
 /// Splits a raw BYTES tensor: each element is a 4-byte little-endian length, then the bytes.
@@ -612,6 +727,27 @@ fn parse_class(element: &[u8]) -> Option<Prediction> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_cut_at_the_limit_in_order() {
+        let images: Vec<Vec<u8>> = (0..11u8).map(|i| vec![i]).collect();
+        let sizes = |limit| {
+            chunks(images.clone(), limit)
+                .map(|c| c.len())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(sizes(Some(4)), [4, 4, 3]);
+        assert_eq!(sizes(Some(11)), [11]);
+        assert_eq!(sizes(None), [11]);
+        assert_eq!(
+            sizes(Some(0)),
+            [1; 11],
+            "a limit of 0 still sends every image"
+        );
+        let flat: Vec<Vec<u8>> = chunks(images.clone(), Some(3)).flatten().collect();
+        assert_eq!(flat, images);
+        assert_eq!(chunks(Vec::new(), Some(8)).count(), 0);
+    }
     use oip_proto::inference::InferTensorContents;
     use oip_proto::inference::model_infer_response::InferOutputTensor;
     use oip_proto::inference::model_metadata_response::TensorMetadata;
@@ -670,7 +806,7 @@ mod tests {
     fn request_carries_raw_pixels_and_classification() {
         let request = infer_request(ClassifyRequest {
             spec: Arc::new(spec()),
-            pixels: vec![7; 224 * 224 * 3],
+            images: vec![vec![7; 224 * 224 * 3]],
             top_k: 5,
             request_id: "r1".into(),
         });
@@ -683,6 +819,101 @@ mod tests {
             Some(ParameterChoice::Int64Param(5))
         );
         assert_eq!(request.id, "r1");
+    }
+
+    #[test]
+    fn a_batch_is_one_input_with_the_images_one_after_another() {
+        let images: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 224 * 224 * 3]).collect();
+        let request = infer_request(ClassifyRequest {
+            spec: Arc::new(spec()),
+            images: images.clone(),
+            top_k: 1,
+            request_id: "r".into(),
+        });
+        assert_eq!(request.inputs.len(), 1);
+        assert_eq!(request.inputs[0].shape, vec![3, 224, 224, 3]);
+        assert_eq!(request.raw_input_contents, vec![images.concat()]);
+        let detector = ModelSpec {
+            kind: ModelKind::Detection,
+            ..spec()
+        };
+        let request = detect_request(DetectRequest {
+            spec: Arc::new(detector),
+            images,
+            min_score: None,
+            request_id: "r".into(),
+        });
+        assert_eq!(request.inputs[0].shape, vec![3, 224, 224, 3]);
+        assert_eq!(request.raw_input_contents[0].len(), 3 * 224 * 224 * 3);
+    }
+
+    #[test]
+    fn a_batch_answer_is_split_k_classes_per_image_in_order() {
+        let mut output = bytes_output(None);
+        output.shape = vec![3, 2];
+        let answer = response(
+            output,
+            vec![raw(&[
+                "0.1:1:a", "0.9:2:b", "0.8:3:c", "0.2:4:d", "0.6:5:e", "0.4:6:f",
+            ])],
+        );
+        let answers = classification_from_response(&spec(), &answer, 3).unwrap();
+        let top: Vec<i64> = answers.iter().map(|a| a.predictions[0].index).collect();
+        assert_eq!(top, [2, 3, 5]);
+        assert!(answers.iter().all(|a| a.predictions.len() == 2));
+        assert!(classification_from_response(&spec(), &answer, 2).is_err());
+        assert!(classification_from_response(&spec(), &answer, 4).is_err());
+    }
+
+    fn detector_answer(counts: &[i32], rows: usize) -> ModelInferResponse {
+        let n = counts.len();
+        let tensor = |name: &str, datatype: &str, shape: Vec<i64>| InferOutputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape,
+            parameters: HashMap::new(),
+            contents: None,
+        };
+        let le = |values: Vec<[u8; 4]>| values.concat();
+        // Image i's row r has score i + r/10 and class 10 * i + r.
+        let scores = (0..n * rows)
+            .map(|j| ((j / rows) as f32 + (j % rows) as f32 / 10.0).to_le_bytes())
+            .collect();
+        let classes = (0..n * rows)
+            .map(|j| ((j / rows) as i32 * 10 + (j % rows) as i32).to_le_bytes())
+            .collect();
+        ModelInferResponse {
+            model_name: "yolo".into(),
+            model_version: "1".into(),
+            id: String::new(),
+            parameters: HashMap::new(),
+            outputs: vec![
+                tensor("num_detections", "INT32", vec![n as i64, 1]),
+                tensor("detection_boxes", "FP32", vec![n as i64, rows as i64, 4]),
+                tensor("detection_scores", "FP32", vec![n as i64, rows as i64]),
+                tensor("detection_classes", "INT32", vec![n as i64, rows as i64]),
+            ],
+            raw_output_contents: vec![
+                le(counts.iter().map(|c| c.to_le_bytes()).collect()),
+                vec![0; n * rows * 16],
+                le(scores),
+                le(classes),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_detector_batch_answer_gives_each_image_its_own_rows() {
+        let answer = detector_answer(&[2, 0, 3], 3);
+        let found = detections_from_response(&spec(), &answer, 3).unwrap();
+        let classes: Vec<Vec<i64>> = found
+            .iter()
+            .map(|d| d.boxes.iter().map(|b| b.class_id).collect())
+            .collect();
+        assert_eq!(classes, [vec![0, 1], vec![], vec![20, 21, 22]]);
+        assert!(detections_from_response(&spec(), &answer, 2).is_err());
+        let too_many = detector_answer(&[4], 3);
+        assert!(detections_from_response(&spec(), &too_many, 1).is_err());
     }
 
     fn raw(elements: &[&str]) -> Vec<u8> {
@@ -719,7 +950,9 @@ mod tests {
             bytes_output(None),
             vec![raw(&["0.25:1:a:b, c", "0.75:967:espresso"])],
         );
-        let classification = classification_from_response(&spec(), &answer).unwrap();
+        let classification = classification_from_response(&spec(), &answer, 1)
+            .unwrap()
+            .remove(0);
         assert_eq!(
             classification.predictions[0],
             Prediction {
@@ -739,7 +972,9 @@ mod tests {
             ..Default::default()
         };
         let answer = response(bytes_output(Some(contents)), vec![]);
-        let classification = classification_from_response(&spec(), &answer).unwrap();
+        let classification = classification_from_response(&spec(), &answer, 1)
+            .unwrap()
+            .remove(0);
         assert_eq!(
             classification.predictions,
             vec![Prediction {
@@ -754,11 +989,13 @@ mod tests {
     fn malformed_answers_are_errors_not_panics() {
         for contents in [vec![5, 0, 0, 0, b'a'], vec![1, 0], raw(&["x:y:z"])] {
             let answer = response(bytes_output(None), vec![contents]);
-            assert!(classification_from_response(&spec(), &answer).is_err());
+            assert!(classification_from_response(&spec(), &answer, 1).is_err());
         }
         let mut float = bytes_output(None);
         float.datatype = "FP32".into();
-        assert!(classification_from_response(&spec(), &response(float, vec![vec![0; 8]])).is_err());
+        assert!(
+            classification_from_response(&spec(), &response(float, vec![vec![0; 8]]), 1).is_err()
+        );
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub struct FakeModel {
     pub gate: Option<Arc<Semaphore>>,
     /// Calls of `classify` so far, counted before waiting at the gate.
     pub entered: AtomicUsize,
+    /// When set, each image's top class index is its first pixel's red value, so a test can tell the answers
+    /// of a batch apart.
+    pub index_by_color: bool,
 }
 
 impl FakeModel {
@@ -40,6 +43,7 @@ impl FakeModel {
             seen: Mutex::new(Vec::new()),
             gate: None,
             entered: AtomicUsize::new(0),
+            index_by_color: false,
         }
     }
 
@@ -84,31 +88,45 @@ impl ModelClient for FakeModel {
         self.ready.lock().unwrap().clone()
     }
 
-    async fn classify(&self, request: ClassifyRequest) -> Result<Classification, ModelError> {
+    async fn classify(&self, request: ClassifyRequest) -> Result<Vec<Classification>, ModelError> {
         self.entered.fetch_add(1, Ordering::SeqCst);
         if let Some(gate) = &self.gate {
             let _permit = gate.acquire().await.unwrap();
         }
-        assert_eq!(
-            request.pixels.len(),
-            (request.spec.height * request.spec.width * 3) as usize
+        assert!(
+            !request.images.is_empty(),
+            "an empty batch reached the model"
         );
+        for image in &request.images {
+            assert_eq!(
+                image.len(),
+                (request.spec.height * request.spec.width * 3) as usize
+            );
+        }
         self.seen.lock().unwrap().push(request.clone());
         if let Some(error) = self.classify_error.lock().unwrap().clone() {
             return Err(error);
         }
-        let predictions = (0..request.top_k as usize)
-            .map(|i| Prediction {
-                label: LABELS[i % LABELS.len()].into(),
-                index: 967 + i as i64,
-                probability: 0.9 / (i as f32 + 1.0),
-            })
-            .collect();
-        Ok(Classification {
-            model: request.spec.name.clone(),
-            version: "1".into(),
-            predictions,
-        })
+        let answer = |pixels: &Vec<u8>| {
+            let first = if self.index_by_color {
+                i64::from(pixels[0])
+            } else {
+                967
+            };
+            let predictions = (0..request.top_k as usize)
+                .map(|i| Prediction {
+                    label: LABELS[i % LABELS.len()].into(),
+                    index: first + i as i64,
+                    probability: 0.9 / (i as f32 + 1.0),
+                })
+                .collect();
+            Classification {
+                model: request.spec.name.clone(),
+                version: "1".into(),
+                predictions,
+            }
+        };
+        Ok(request.images.iter().map(answer).collect())
     }
 
     async fn repository(&self) -> Result<Vec<RepositoryEntry>, ModelError> {
@@ -201,6 +219,14 @@ pub fn yolo_testdata() -> std::path::PathBuf {
 /// One of the detector's golden photos, as its original file.
 pub fn yolo_png(name: &str) -> Vec<u8> {
     std::fs::read(yolo_testdata().join("images").join(format!("{name}.png"))).unwrap()
+}
+
+/// A PNG of one color, `red` in its red channel: what [`FakeModel::index_by_color`] answers with.
+pub fn solid_png(red: u8) -> Vec<u8> {
+    let image = image::RgbImage::from_pixel(40, 30, image::Rgb([red, 64, 128]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
 }
 
 /// A small valid PNG.

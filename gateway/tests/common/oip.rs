@@ -254,7 +254,12 @@ impl GrpcInferenceService for Fake {
         &self,
         _: Request<ModelConfigRequest>,
     ) -> Result<Response<ModelConfigResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+        Ok(Response::new(ModelConfigResponse {
+            config: Some(ModelConfig {
+                max_batch_size: 8,
+                ..Default::default()
+            }),
+        }))
     }
     async fn model_statistics(
         &self,
