@@ -1,13 +1,23 @@
 """Renders BENCHMARKS.md from the results scripts/bench.sh wrote; every number comes from those files.
 
-    python scripts/bench-report.py RESULTS_DIR > BENCHMARKS.md
+    python scripts/bench-report.py RESULTS_DIR --out BENCHMARKS.md
+
+With --out it also draws the comparison with the Python app as SVG charts in bench/ beside that file
+(throughput.svg, p99.svg) and links them; without, it prints the Markdown alone to standard output.
 """
+import argparse
 import json
+import math
 import os
 import re
 import sys
+import xml.etree.ElementTree as ET
+from xml.sax.saxutils import escape
 
-RESULTS = sys.argv[1]
+RESULTS = None  # set by main()
+
+# Where the charts go, relative to BENCHMARKS.md: the links in it are relative too, so the pair can be moved.
+CHARTS_DIR = "bench"
 
 
 # The gateway routes under load in (3) and (6): result-file name and label.
@@ -104,14 +114,147 @@ def add_wrk_report(add, wrk, summary):
     add("</details>")
 
 
-def against_python(add):
+# ---- charts ---------------------------------------------------------------------------------------------------
+# Plain SVG from string templates: the bench venv has no plotting library, and two line charts do not need one.
+
+# Okabe-Ito blue and vermillion: apart for every common colour-vision deficiency, and in greyscale.
+OURS_COLOUR, PYTHON_COLOUR = "#0072B2", "#D55E00"
+# The route is told apart by dash and marker, so each side keeps one colour.
+ROUTE_STYLE = {"test": ("", "circle"), "url": ("6 4", "square")}
+CONCURRENCY = (1, 10)
+
+
+def nice_step(top, ticks=5):
+    """A round tick step (1, 2, 2.5 or 5 times a power of ten) giving about `ticks` ticks up to `top`."""
+    raw = top / ticks
+    magnitude = 10 ** math.floor(math.log10(raw))
+    return next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+
+
+def tick_label(value):
+    return f"{value:g}" if value < 1e4 else f"{value:,.0f}"
+
+
+def marker(shape, x, y, colour):
+    if shape == "square":
+        return f'<rect x="{x - 4:.1f}" y="{y - 4:.1f}" width="8" height="8" fill="{colour}"/>'
+    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{colour}"/>'
+
+
+def line_chart(title, y_label, series, note=None):
+    """An SVG line chart of `series` (label, colour, dash, marker, {concurrency: value}) against concurrency,
+    the x positions evenly spaced since the levels measured are few and far apart."""
+    width, height = 720, 420
+    left, right, top, bottom = 72, 220, 60, 64
+    plot_w, plot_h = width - left - right, height - top - bottom
+    values = [v for *_, points in series for v in points.values() if v is not None]
+    y_max = max(values, default=0) or 1
+    step = nice_step(y_max * 1.05)
+    y_top = step * math.ceil(y_max * 1.05 / step)
+
+    def px(i):
+        return left + plot_w * (i + 0.5) / len(CONCURRENCY)
+
+    def py(v):
+        return top + plot_h * (1 - v / y_top)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12" fill="#222">',
+           f"<title>{escape(title)}</title>",
+           f'<rect width="{width}" height="{height}" fill="#fff"/>',
+           f'<text x="{left}" y="24" font-size="15" font-weight="bold">{escape(title)}</text>']
+    if note:
+        out.append(f'<text x="{left}" y="40" font-size="11" fill="#555">{escape(note)}</text>')
+    n_ticks = round(y_top / step)
+    for k in range(n_ticks + 1):
+        v = k * step
+        y = py(v)
+        out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#e3e3e3"/>')
+        out.append(f'<line x1="{left - 5}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#444"/>')
+        out.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{tick_label(v)}</text>')
+    for i, c in enumerate(CONCURRENCY):
+        x = px(i)
+        out.append(f'<line x1="{x:.1f}" y1="{top + plot_h}" x2="{x:.1f}" y2="{top + plot_h + 5}" stroke="#444"/>')
+        out.append(f'<text x="{x:.1f}" y="{top + plot_h + 19}" text-anchor="middle">{c}</text>')
+    out.append(f'<path d="M{left},{top} V{top + plot_h} H{left + plot_w}" fill="none" stroke="#444"/>')
+    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 18}" text-anchor="middle">'
+               "concurrency (clients, closed loop)</text>")
+    out.append(f'<text transform="translate(18 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">'
+               f"{escape(y_label)}</text>")
+    for label, colour, dash, shape, points in series:
+        xy = [(px(i), py(points[c])) for i, c in enumerate(CONCURRENCY) if points.get(c) is not None]
+        if len(xy) > 1:
+            dashed = f' stroke-dasharray="{dash}"' if dash else ""
+            path = " ".join(f"{'M' if j == 0 else 'L'}{x:.1f},{y:.1f}" for j, (x, y) in enumerate(xy))
+            out.append(f'<path d="{path}" fill="none" stroke="{colour}" stroke-width="2"{dashed}/>')
+        out += [marker(shape, x, y, colour) for x, y in xy]
+    lx, ly = left + plot_w + 20, top + 8
+    for k, (label, colour, dash, shape, _) in enumerate(series):
+        y = ly + 22 * k
+        dashed = f' stroke-dasharray="{dash}"' if dash else ""
+        out.append(f'<line x1="{lx}" y1="{y}" x2="{lx + 28}" y2="{y}" stroke="{colour}" stroke-width="2"{dashed}/>')
+        out.append(marker(shape, lx + 14, y, colour))
+        out.append(f'<text x="{lx + 36}" y="{y + 4}">{escape(label)}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def comparison_series(metric):
+    """(label, colour, dash, marker, {concurrency: value}) for ours and the Python app on each HTTP route; a side
+    or route with no measurement is left out."""
+    series = []
+    for side, prefix, colour in (("ours", "stack", OURS_COLOUR), ("Python", "baseline", PYTHON_COLOUR)):
+        for name, label in HTTP_TARGETS:
+            points = {c: metric(load(f"{prefix}-{name}-c{c}.json")) for c in CONCURRENCY}
+            if any(v is not None for v in points.values()):
+                dash, shape = ROUTE_STYLE[name]
+                series.append((f"{side}, {label.strip('`')}", colour, dash, shape, points))
+    return series
+
+
+def draw_charts(out_dir):
+    """Writes the charts into out_dir, each checked to parse as XML; returns [(alt text, file name)] drawn."""
+    smoke = (load("machine.json") or {}).get("smoke")
+    note = "Smoke run: these numbers mean nothing." if smoke else None
+    charts = (("throughput.svg", "Throughput against concurrency", "requests per second (higher is better)",
+               lambda run: run["throughput_rps"] if run else None),
+              ("p99.svg", "p99 latency against concurrency", "p99 latency, ms (lower is better)",
+               lambda run: latency(run, "p99")))
+    drawn = []
+    for file, what, y_label, metric in charts:
+        series = comparison_series(metric)
+        if not series:
+            continue
+        python = any(colour == PYTHON_COLOUR for _, colour, *_ in series)
+        title = f"{what}, ours {'and the Python app' if python else 'alone'}"
+        svg = line_chart(title, y_label, series, note)
+        root = ET.fromstring(svg)  # raises on malformed XML, failing the run that drew it
+        if root.tag != "{http://www.w3.org/2000/svg}svg":
+            raise ValueError(f"{file}: root element {root.tag}, not svg")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, file), "w") as f:
+            f.write(svg)
+        drawn.append((title, file))
+    return drawn
+
+
+def add_charts(add, charts):
+    if not charts:
+        return
+    add(" ".join(f"![{title}]({CHARTS_DIR}/{file})" for title, file in charts))
+    add("")
+
+
+def against_python(add, charts):
     """Section 6: our stack beside bench/baseline, from the same loadtest and wrk runs."""
     add("## 6. Against the Python app")
     add("")
     baseline = load("baseline.json")
     if baseline is None:
-        add("Not measured in this run (no ONNX model for the Python app; set `ORT_MODEL`).")
+        add("Not measured in this run (no ONNX model for the Python app; set `ORT_MODEL`)."
+            + (" The charts show ours alone." if charts else ""))
         add("")
+        add_charts(add, charts)
         return
     versions = baseline["versions"]
     add(f"`bench/baseline`: the app people run instead of this project, Flask {versions['flask']} under gunicorn "
@@ -135,6 +278,7 @@ def against_python(add):
                 cells += [fmt(a), fmt(b), times(a, b)]
             add(f"| {label} | {c} | {' | '.join(cells)} | {errors(ours)} / {errors(theirs)} |")
     add("")
+    add_charts(add, charts)
     ours, theirs = load("stack-url-c10.json"), load("baseline-url-c10.json")
     if ours and theirs and theirs["throughput_rps"]:
         add(f"Predict by URL at concurrency 10: ours serves {ours['throughput_rps'] / theirs['throughput_rps']:.2f}x "
@@ -197,6 +341,15 @@ def against_python(add):
 
 
 def main():
+    global RESULTS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", help="the directory of result files scripts/bench.sh wrote")
+    parser.add_argument("--out", help="write the report here, and its charts in bench/ beside it")
+    args = parser.parse_args()
+    RESULTS = args.results
+    charts = []
+    if args.out:
+        charts = draw_charts(os.path.join(os.path.dirname(os.path.abspath(args.out)), CHARTS_DIR))
     machine = load("machine.json")
     lines = []
     add = lines.append
@@ -377,8 +530,14 @@ def main():
     add("")
 
     # 6. the Python app
-    against_python(add)
-    print("\n".join(lines))
+    against_python(add, charts)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
 
 
 if __name__ == "__main__":

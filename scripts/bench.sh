@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Measures the service on this machine in one run and writes BENCHMARKS.md from what it measured:
+# Measures the service on this machine in one run and writes BENCHMARKS.md from what it measured, with SVG charts of
+# the comparison with the Python app in bench/ beside it:
 #   1. model compute, ours (cargo bench --bench inference) against onnxruntime on the same ONNX model,
 #      batch 1 latency and batch 8 throughput, 1 and 2 threads;
 #      then the detector, YOLOv3-tiny, ours against OpenCV's dnn module on the official darknet files, 2 threads;
@@ -337,5 +338,6 @@ else
 fi
 
 # ---- report ---------------------------------------------------------------------------------------------------
-$py scripts/bench-report.py "$work/results" >"$out"
-say "wrote $out"
+# The charts go to bench/ beside $out: target/bench/bench/ in smoke mode, so the committed ones stay as they are.
+$py scripts/bench-report.py "$work/results" --out "$out"
+say "wrote $out and its charts in $(dirname "$out")/bench/"
