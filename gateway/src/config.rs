@@ -1,6 +1,7 @@
 //! Command-line and environment configuration.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -26,6 +27,29 @@ pub struct Config {
     /// own connection.
     #[arg(long, env = "MODEL_SERVER", default_value = "http://localhost:8001")]
     pub model_server: String,
+
+    /// PEM CA certificates that sign the model servers' certificates: with it the gateway speaks TLS to the
+    /// model tier, and only to servers whose certificate holds `--model-server-tls-name`.
+    #[arg(long, env = "MODEL_SERVER_CA")]
+    pub model_server_ca: Option<PathBuf>,
+
+    /// The name the model servers' certificates must hold [default: the host of the first
+    /// `--model-server` address]. Connections go to each replica's address, so the name is checked apart.
+    #[arg(long, env = "MODEL_SERVER_TLS_NAME", requires = "model_server_ca")]
+    pub model_server_tls_name: Option<String>,
+
+    /// PEM client certificate shown to model servers that require one (mutual TLS); with
+    /// `--model-server-client-key`.
+    #[arg(long, env = "MODEL_SERVER_CLIENT_CERT", requires_all = ["model_server_client_key", "model_server_ca"])]
+    pub model_server_client_cert: Option<PathBuf>,
+
+    /// PEM private key of `--model-server-client-cert`.
+    #[arg(
+        long,
+        env = "MODEL_SERVER_CLIENT_KEY",
+        requires = "model_server_client_cert"
+    )]
+    pub model_server_client_key: Option<PathBuf>,
 
     /// How often the model-server names are resolved again, in milliseconds: new replicas get traffic
     /// within one interval, removed ones are drained.

@@ -60,12 +60,8 @@ async fn main() -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let options = ClientOptions::from_config(&config).map_err(|e| {
-        anyhow::anyhow!(
-            "invalid --model-server address {}: {e}",
-            config.model_server
-        )
-    })?;
+    let options = ClientOptions::from_config(&config)
+        .map_err(|e| anyhow::anyhow!("the model tier's address or TLS files: {e}"))?;
     let client = GrpcModelClient::start(options, Arc::new(SystemResolver));
     let result = gateway::run(config, listener, Arc::new(client), shutdown_signal()).await;
     telemetry.shutdown(Duration::from_secs(5)).await;

@@ -5,6 +5,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod pool;
 pub mod retry;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -42,7 +42,8 @@ impl Target {
             Some(("http", rest)) => rest,
             Some((scheme, _)) => {
                 return Err(format!(
-                    "`{text}`: only plaintext http:// is supported, not {scheme}://"
+                    "`{text}`: give http://host:port or host:port, not {scheme}://; TLS is turned on by \
+                     --model-server-ca"
                 ));
             }
             None => text,

@@ -47,6 +47,8 @@ pub struct ClientOptions {
     pub retry: RetryPolicy,
     /// When a failing replica is taken out of rotation.
     pub ejection: Ejection,
+    /// TLS of the connections; plain text when None.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl ClientOptions {
@@ -64,13 +66,16 @@ impl ClientOptions {
                 after_failures: 3,
                 cool_down: Duration::from_secs(10),
             },
+            tls: None,
         })
     }
 
     /// The options the gateway's configuration asks for.
     pub fn from_config(config: &Config) -> Result<Self, String> {
+        let targets = Target::parse_list(&config.model_server)?;
         Ok(ClientOptions {
-            targets: Target::parse_list(&config.model_server)?,
+            tls: super::tls::client_config(config, &targets)?,
+            targets,
             timeout: config.inference_timeout(),
             discovery_interval: Duration::from_millis(config.discovery_interval_ms),
             retry: RetryPolicy {
@@ -108,7 +113,10 @@ impl GrpcModelClient {
     pub fn start(options: ClientOptions, resolver: Arc<dyn Resolve>) -> Self {
         // The names are fixed and valid, so this cannot fail.
         let metrics = UpstreamMetrics::new().expect("valid metric names");
-        let pool = Arc::new(Pool::new(options.ejection, pool::connect_lazy));
+        let pool = Arc::new(Pool::new(
+            options.ejection,
+            pool::connector(options.tls.clone()),
+        ));
         discovery::spawn(
             options.targets.clone(),
             resolver,

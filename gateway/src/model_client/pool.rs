@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint as TonicEndpoint};
 
 /// When to take a replica out of rotation.
 #[derive(Debug, Clone, Copy)]
@@ -82,18 +82,25 @@ pub struct Pool {
 }
 
 /// Makes the channel of a new replica.
-pub type Connect = fn(SocketAddr) -> Result<Channel, tonic::transport::Error>;
+pub type Connect =
+    Arc<dyn Fn(SocketAddr) -> Result<Channel, tonic::transport::Error> + Send + Sync>;
 
-/// A lazily connecting channel to `addr`: the first call connects, and a lost connection is re-made on
-/// the next call.
-pub fn connect_lazy(addr: SocketAddr) -> Result<Channel, tonic::transport::Error> {
-    Ok(TonicEndpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        // A replica that vanishes without closing its connections is noticed within seconds.
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
+/// Lazily connecting channels, over TLS when `tls` is given: the first call connects, and a lost connection
+/// is re-made on the next call.
+pub fn connector(tls: Option<ClientTlsConfig>) -> Connect {
+    Arc::new(move |addr| {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = TonicEndpoint::from_shared(format!("{scheme}://{addr}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            // A replica that vanishes without closing its connections is noticed within seconds.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        if let Some(tls) = &tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        Ok(endpoint.connect_lazy())
+    })
 }
 
 impl Pool {
@@ -278,7 +285,7 @@ mod tests {
                 after_failures: 2,
                 cool_down: Duration::from_secs(60),
             },
-            connect_lazy,
+            connector(None),
         );
         pool.update(&ports.iter().map(|&p| addr(p)).collect());
         pool
@@ -320,7 +327,11 @@ mod tests {
             assert_eq!(pool.pick(&[addr(1), addr(3)]).unwrap().addr(), addr(2));
         }
         assert!(pool.pick(&[addr(1), addr(2), addr(3)]).is_some());
-        assert!(Pool::new(pool.ejection, connect_lazy).pick(&[]).is_none());
+        assert!(
+            Pool::new(pool.ejection, connector(None))
+                .pick(&[])
+                .is_none()
+        );
     }
 
     #[tokio::test]

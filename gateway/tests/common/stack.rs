@@ -10,7 +10,7 @@ use axum::Router;
 use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::routing::get;
-use gateway::model_client::{GrpcModelClient, ModelClient};
+use gateway::model_client::{ClientOptions, GrpcModelClient, ModelClient, SystemResolver};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -121,9 +121,9 @@ impl Gateway {
         ];
         flags.extend_from_slice(extra);
         let config = super::config(&flags);
-        let client =
-            GrpcModelClient::connect_lazy(&config.model_server, config.inference_timeout())
-                .unwrap();
+        // As the binary builds it, so the TLS flags apply.
+        let options = ClientOptions::from_config(&config).expect("model-tier options");
+        let client = GrpcModelClient::start(options, Arc::new(SystemResolver));
         Gateway::serve(config, Arc::new(client)).await
     }
 
