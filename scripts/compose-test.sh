@@ -17,7 +17,8 @@
 #   3. Image tags under imageserve-test/ (compose.yaml reads GATEWAY_IMAGE and MODEL_SERVER_IMAGE), so a
 #      user's own images are never replaced.
 # Environment: IMAGE_PROFILE=release|dev (which cargo profile's binaries go in; default release; scripts/test.sh
-# uses dev so CI compiles once), DEBIAN_MIRROR (default: the first Debian mirror in this machine's apt sources).
+# uses dev so CI compiles once), DEBIAN_MIRROR (default: the first Debian mirror in this machine's apt sources),
+# COMPOSE_TLS=1 (the same with compose.tls.yaml: mutual TLS between the tiers, certificates made here).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,7 +41,14 @@ project=imageserve-test
 base_image=imageserve-test/debian:bookworm-slim
 export GATEWAY_IMAGE=imageserve-test/gateway:0.1.0
 export MODEL_SERVER_IMAGE=imageserve-test/model-server:0.1.0-with-model
-compose() { "${compose_cmd[@]}" -p "$project" -f compose.yaml "$@"; }
+files=(-f compose.yaml)
+if [[ "${COMPOSE_TLS:-0}" == 1 ]]; then
+    export CERTS_DIR="$root/target/compose-certs"
+    rm -rf "$CERTS_DIR"
+    scripts/make-certs.sh --for-containers "$CERTS_DIR" 2>/dev/null
+    files+=(-f compose.tls.yaml)
+fi
+compose() { "${compose_cmd[@]}" -p "$project" "${files[@]}" "$@"; }
 
 # ---- binaries and model repository from this host ------------------------------------------------------------
 profile="${IMAGE_PROFILE:-release}"
@@ -189,7 +197,8 @@ compose ps >&2
 # The fault: one replica killed (SIGKILL) under load. The gateway re-resolves the service name, balances over
 # the replicas, retries a call that died with its replica on another one and ejects the dead one, so no
 # client request may fail.
-victim="$(compose ps -q model-server | head -n 1)"
+# awk, not head: head would close the pipe early, and under pipefail the SIGPIPE of `compose ps` fails the script.
+victim="$(compose ps -q model-server | awk 'NR == 1')"
 say "load at concurrency 6 for 20 s; docker kill ${victim:0:12} after 5 s"
 python3 - "$GATEWAY_PORT" "$victim" <<'EOF'
 import base64, collections, json, subprocess, sys, threading, time, urllib.request
@@ -226,6 +235,14 @@ print(f"{sum(outcomes.values())} requests: {dict(outcomes)}; latency p50 {latenc
 sys.exit(0 if outcomes["ok"] > 0 and set(outcomes) == {"ok"} else 1)
 EOF
 for photo in coffee chelsea; do predict "$photo"; done
+
+if [[ "${COMPOSE_TLS:-0}" == 1 ]]; then
+    # Every replica must have served mutual TLS, not fallen back to plain text.
+    servers="$(compose logs --no-color model-server | grep -c 'gRPC server listening' || true)"
+    with_tls="$(compose logs --no-color model-server | grep 'gRPC server listening' | grep -c 'tls=true mutual_tls=true' || true)"
+    [[ "$servers" -ge 3 && "$with_tls" == "$servers" ]] || die "$with_tls of $servers model servers served mutual TLS"
+    say "all $servers model servers served mutual TLS"
+fi
 
 failed=false
 say "passed"

@@ -2,13 +2,20 @@
 # Makes the certificates for TLS between the tiers: a private CA, the model server's certificate and a client
 # certificate for the gateway (mutual TLS), each with an EC P-256 key, valid for 825 days.
 #
-#   scripts/make-certs.sh [OUT_DIR] [SERVER_NAME...]
+#   scripts/make-certs.sh [--for-containers] [OUT_DIR] [SERVER_NAME...]
 #
-# OUT_DIR defaults to certs/. The server certificate holds every SERVER_NAME given (default: model-server and
+# OUT_DIR defaults to certs/. The keys are readable by their owner only, unless --for-containers: then the
+# directory and the server and client keys are readable by all, as the containers run as their own user (10001)
+# and mount the directory read-only (compose.tls.yaml); the CA's key stays private either way. The server certificate holds every SERVER_NAME given (default: model-server and
 # localhost) and 127.0.0.1. An existing CA in OUT_DIR is kept, so certificates can be renewed under it.
 # Files: ca.pem, ca-key.pem, server.pem, server-key.pem, client.pem, client-key.pem.
 set -euo pipefail
 
+readable=false
+if [[ "${1:-}" == --for-containers ]]; then
+    readable=true
+    shift
+fi
 out="${1:-certs}"
 shift || true
 names=("$@")
@@ -49,8 +56,11 @@ keyUsage=critical,digitalSignature
 extendedKeyUsage=clientAuth
 subjectAltName=DNS:gateway"
 rm -f ca.srl
-# The containers run as another user than the one who made the files: certificates are public, keys are
-# readable by the group and others only inside this directory, which stays private to its owner.
-chmod 644 ./*.pem && chmod 600 ca-key.pem
+chmod 644 ca.pem server.pem client.pem
+chmod 600 ca-key.pem server-key.pem client-key.pem
 chmod 700 .
+if $readable; then
+    chmod 644 server-key.pem client-key.pem
+    chmod 755 .
+fi
 echo "make-certs.sh: wrote ca.pem, server.pem (${names[*]}, 127.0.0.1) and client.pem with their keys in $out" >&2

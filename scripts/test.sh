@@ -67,6 +67,8 @@ if docker info >/dev/null 2>&1; then
     # dev: the binaries cargo test just built, so CI compiles the workspace once.
     say "running the containers end to end"
     IMAGE_PROFILE=dev scripts/compose-test.sh
+    say "running the containers end to end with mutual TLS between the tiers"
+    IMAGE_PROFILE=dev COMPOSE_TLS=1 scripts/compose-test.sh
 else
     say "no Docker engine answers: skipped the containers end to end (scripts/compose-test.sh)"
 fi
