@@ -285,22 +285,31 @@ impl Counts {
     }
 }
 
+/// The codec's verdict on a copy of `request` for one model.
+fn parse_as(
+    request: &ModelInferRequest,
+    kind: Kind,
+    config: &VersionConfig,
+) -> Result<Parsed, InferError> {
+    let mut r = request.clone();
+    let raw = std::mem::take(&mut r.raw_input_contents);
+    codec::parse(
+        &mut r.inputs,
+        raw,
+        &r.outputs,
+        &r.parameters,
+        kind,
+        config,
+        MAX_BATCH,
+    )
+}
+
 /// Runs the codec on a decoded request against every model.
 fn parse_everywhere(request: &ModelInferRequest, counts: &Counts) {
     counts.add(1);
     let mut any = false;
     for (kind, config) in models() {
-        let mut r = request.clone();
-        let raw = std::mem::take(&mut r.raw_input_contents);
-        let result = codec::parse(
-            &mut r.inputs,
-            raw,
-            &r.outputs,
-            &r.parameters,
-            kind,
-            &config,
-            MAX_BATCH,
-        );
+        let result = parse_as(request, kind, &config);
         any |= result.is_ok();
         check_accepted(result, &config);
     }
@@ -378,20 +387,9 @@ fn fuzz_rest_json_structure() {
 #[test]
 fn the_seeds_are_accepted_so_mutations_start_from_valid_requests() {
     let accepted = |request: &ModelInferRequest| {
-        models().into_iter().any(|(kind, config)| {
-            let mut r = request.clone();
-            let raw = std::mem::take(&mut r.raw_input_contents);
-            codec::parse(
-                &mut r.inputs,
-                raw,
-                &r.outputs,
-                &r.parameters,
-                kind,
-                &config,
-                MAX_BATCH,
-            )
-            .is_ok()
-        })
+        models()
+            .into_iter()
+            .any(|(kind, config)| parse_as(request, kind, &config).is_ok())
     };
     for seed in seed_requests() {
         assert!(accepted(&seed), "seed refused: {seed:?}");
