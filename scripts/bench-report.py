@@ -340,6 +340,33 @@ def against_python(add, charts):
     add("")
 
 
+# The sentences of a report that sum it up, picked from the earlier runs kept in bench/runs/.
+HEADLINES = (re.compile(r"^- Machine: "), re.compile(r"^- Date: "), re.compile(r"^With 2 threads: "),
+             re.compile(r"^Predict by URL at concurrency 10: "), re.compile(r"^Under wrk, ours serves "))
+
+
+def earlier_runs(add, root):
+    """Lists the reports of earlier runs kept in bench/runs/*/BENCHMARKS.md, each with its headline sentences,
+    so the numbers from other CPUs stay beside this run's."""
+    runs_dir = os.path.join(root, "bench", "runs")
+    runs = sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []
+    runs = [r for r in runs if os.path.isfile(os.path.join(runs_dir, r, "BENCHMARKS.md"))]
+    if not runs:
+        return
+    add("## Earlier runs on other machines")
+    add("")
+    add("Reports of `scripts/bench.sh` kept as they were written, on other CPUs; their headlines:")
+    add("")
+    for run in runs:
+        with open(os.path.join(runs_dir, run, "BENCHMARKS.md")) as f:
+            report = f.read().splitlines()
+        add(f"- [`bench/runs/{run}`](bench/runs/{run}/BENCHMARKS.md)")
+        for line in report:
+            if any(h.search(line) for h in HEADLINES):
+                add(f"  - {line.removeprefix('- ')}")
+    add("")
+
+
 def main():
     global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -531,6 +558,8 @@ def main():
 
     # 6. the Python app
     against_python(add, charts)
+    if args.out and not machine["smoke"]:
+        earlier_runs(add, os.path.dirname(os.path.abspath(args.out)))
     text = "\n".join(lines) + "\n"
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
