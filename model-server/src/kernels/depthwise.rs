@@ -301,8 +301,14 @@ mod simd {
         /// The masked lanes of `p` must be readable.
         unsafe fn load(m: Self::Mask, p: *const f32) -> Self;
         /// # Safety
+        /// Every lane of `p` must be readable.
+        unsafe fn load_all(p: *const f32) -> Self;
+        /// # Safety
         /// The masked lanes of `p` must be writable.
         unsafe fn store(self, m: Self::Mask, p: *mut f32);
+        /// # Safety
+        /// Every lane of `p` must be writable.
+        unsafe fn store_all(self, p: *mut f32);
         fn fma(x: Self, w: Self, acc: Self) -> Self;
         fn relu6(self) -> Self;
     }
@@ -330,6 +336,14 @@ mod simd {
         #[inline(always)]
         unsafe fn store(self, m: __mmask16, p: *mut f32) {
             unsafe { _mm512_mask_storeu_ps(p, m, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn load_all(p: *const f32) -> Self {
+            Self(unsafe { _mm512_loadu_ps(p) })
+        }
+        #[inline(always)]
+        unsafe fn store_all(self, p: *mut f32) {
+            unsafe { _mm512_storeu_ps(p, self.0) }
         }
         #[inline(always)]
         fn fma(x: Self, w: Self, acc: Self) -> Self {
@@ -375,6 +389,14 @@ mod simd {
             unsafe { _mm256_maskstore_ps(p, m, self.0) }
         }
         #[inline(always)]
+        unsafe fn load_all(p: *const f32) -> Self {
+            Self(unsafe { _mm256_loadu_ps(p) })
+        }
+        #[inline(always)]
+        unsafe fn store_all(self, p: *mut f32) {
+            unsafe { _mm256_storeu_ps(p, self.0) }
+        }
+        #[inline(always)]
         fn fma(x: Self, w: Self, acc: Self) -> Self {
             Self(unsafe { _mm256_fmadd_ps(x.0, w.0, acc.0) })
         }
@@ -416,61 +438,131 @@ mod simd {
             Some(room) => (room / S + 1).min(wo),
             None => 0,
         };
-        let (image, taps, bias) = (args.image.as_ptr(), args.taps.as_ptr(), args.bias.as_ptr());
         let out = out.as_mut_ptr().cast::<f32>();
         let mut ch = 0;
         while ch < c {
-            let mask = V::mask(c - ch);
-            // SAFETY (loads and stores below): the assert bounds every tap,
-            // input pixel (kx within the row, ky below kernel_rows) and output
-            // pixel, and the mask stops at the last channel.
-            let mut w = [V::zero(); 25];
+            // SAFETY: as this function's; `ch` is below the channel count.
+            unsafe {
+                // Every channel count of the network is a multiple of the lanes, so the masked form, slow on
+                // some CPUs (AVX2's masked store on AMD's), only runs for other models' odd channels.
+                if c - ch >= V::LANES {
+                    channels::<V, K, S, true>(args, cols, kernel_rows, (first, last), ch, out);
+                } else {
+                    channels::<V, K, S, false>(args, cols, kernel_rows, (first, last), ch, out);
+                }
+            }
+            ch += V::LANES;
+        }
+    }
+
+    /// One vector of channels from `ch` across the output row: the pixels whose taps all fall inside the row,
+    /// `interior`, four at a time, the others one by one with their taps checked. `ALL`: every lane is a
+    /// channel, so loads and stores need no mask.
+    ///
+    /// # Safety
+    /// As [`row`]'s, which checked the buffers; `interior` is the range it computed.
+    #[inline(always)]
+    unsafe fn channels<V: Vector, const K: usize, const S: usize, const ALL: bool>(
+        args: &RowArgs<'_>,
+        cols: Axis,
+        kernel_rows: usize,
+        (first, last): (usize, usize),
+        ch: usize,
+        out: *mut f32,
+    ) {
+        let (c, wo) = (args.channels, cols.out);
+        let (image, taps, bias) = (args.image.as_ptr(), args.taps.as_ptr(), args.bias.as_ptr());
+        let mask = V::mask(c - ch);
+        // Macros, not closures: a closure would be a function of its own without the caller's instruction set,
+        // and every vector operation in it a call.
+        macro_rules! load {
+            ($p:expr) => {
+                if ALL {
+                    unsafe { V::load_all($p) }
+                } else {
+                    unsafe { V::load(mask, $p) }
+                }
+            };
+        }
+        macro_rules! store {
+            ($v:expr, $p:expr) => {
+                if ALL {
+                    unsafe { $v.store_all($p) }
+                } else {
+                    unsafe { $v.store(mask, $p) }
+                }
+            };
+        }
+        // SAFETY (loads and stores below): the caller's checks bound every tap, input pixel (kx within the
+        // row, ky below kernel_rows) and output pixel, and the mask stops at the last channel.
+        let mut w = [V::zero(); 25];
+        for ky in 0..K {
+            if ky < kernel_rows {
+                for kx in 0..K {
+                    w[ky * K + kx] = load!(taps.add((ky * K + kx) * args.tap_stride + ch));
+                }
+            }
+        }
+        let b = load!(bias.add(ch));
+        macro_rules! pixels {
+            ($range:expr, $checked:expr) => {
+                for ox in $range {
+                    let start = ox * S;
+                    let mut acc = b;
+                    for ky in 0..K {
+                        if ky >= kernel_rows {
+                            break;
+                        }
+                        for kx in 0..K {
+                            let ix = start + kx;
+                            if $checked
+                                && (ix < cols.pad_before || ix - cols.pad_before >= args.width)
+                            {
+                                continue;
+                            }
+                            let at = (ky * args.width + ix - cols.pad_before) * c + ch;
+                            acc = V::fma(load!(image.add(at)), w[ky * K + kx], acc);
+                        }
+                    }
+                    if args.relu6 {
+                        acc = acc.relu6();
+                    }
+                    store!(acc, out.add(ox * c + ch));
+                }
+            };
+        }
+        pixels!(0..first.min(wo), true);
+        // Four pixels at a time: four independent sums hide the latency of the multiply-adds, which one sum
+        // chains, and neighbouring pixels share input columns, each loaded once per kernel row.
+        const BLOCK: usize = 4;
+        let mut ox = first;
+        while ox + BLOCK <= last {
+            let mut acc = [b; BLOCK];
             for ky in 0..K {
-                if ky < kernel_rows {
-                    for kx in 0..K {
-                        w[ky * K + kx] = unsafe {
-                            V::load(mask, taps.add((ky * K + kx) * args.tap_stride + ch))
-                        };
+                if ky >= kernel_rows {
+                    break;
+                }
+                // Tap 0 of pixel `ox`, inside the row because `ox` is an interior pixel.
+                let row = image.wrapping_add((ky * args.width + ox * S - cols.pad_before) * c + ch);
+                for ix in 0..K + (BLOCK - 1) * S {
+                    let x = load!(row.add(ix * c));
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        if ix >= j * S && ix - j * S < K {
+                            *acc = V::fma(x, w[ky * K + ix - j * S], *acc);
+                        }
                     }
                 }
             }
-            let b = unsafe { V::load(mask, bias.add(ch)) };
-            // A macro, not a closure: a closure would be a function of its own
-            // without the caller's instruction set, and every vector operation
-            // in it a call.
-            macro_rules! pixels {
-                ($range:expr, $checked:expr) => {
-                    for ox in $range {
-                        let start = ox * S;
-                        let mut acc = b;
-                        for ky in 0..K {
-                            if ky >= kernel_rows {
-                                break;
-                            }
-                            for kx in 0..K {
-                                let ix = start + kx;
-                                if $checked
-                                    && (ix < cols.pad_before || ix - cols.pad_before >= args.width)
-                                {
-                                    continue;
-                                }
-                                let at = (ky * args.width + ix - cols.pad_before) * c + ch;
-                                let x = unsafe { V::load(mask, image.add(at)) };
-                                acc = V::fma(x, w[ky * K + kx], acc);
-                            }
-                        }
-                        if args.relu6 {
-                            acc = acc.relu6();
-                        }
-                        unsafe { acc.store(mask, out.add(ox * c + ch)) };
-                    }
-                };
+            for (j, mut acc) in acc.into_iter().enumerate() {
+                if args.relu6 {
+                    acc = acc.relu6();
+                }
+                store!(acc, out.add((ox + j) * c + ch));
             }
-            pixels!(0..first.min(wo), true);
-            pixels!(first..last, false);
-            pixels!(last.max(first)..wo, true);
-            ch += V::LANES;
+            ox += BLOCK;
         }
+        pixels!(ox.min(last)..last, false);
+        pixels!(last.max(first)..wo, true);
     }
 
     /// The specialised row for the network's kernel sizes and strides, or
@@ -600,7 +692,6 @@ mod tests {
     /// every SIMD variant this machine can run.
     #[test]
     fn portable_and_simd_variants_agree() {
-        let (n, h, w, c) = (2, 9, 8, 45);
         // A fixed pseudo-random input; no dependency needed for that.
         let mut state = 0x2545_f491_u32;
         let mut next = || {
@@ -609,46 +700,50 @@ mod tests {
             state ^= state << 5;
             state as f32 / u32::MAX as f32 * 4.0 - 2.0
         };
-        let x: Vec<f32> = (0..n * h * w * c).map(|_| next()).collect();
-        // The network's kernels and strides (which AVX-512 specialises) and one it does not have.
-        for (kernel, stride) in [(3, 1), (3, 2), (5, 1), (5, 2), (7, 3)] {
-            let weight: Vec<f32> = (0..c * kernel * kernel).map(|_| next()).collect();
-            let bias: Vec<f32> = (0..c).map(|_| next()).collect();
-            let op = Depthwise::new(
-                &Tensor::from_vec(weight, (c, 1, kernel, kernel), &candle_core::Device::Cpu)
-                    .unwrap(),
-                &Tensor::from_vec(bias, c, &candle_core::Device::Cpu).unwrap(),
-                stride,
-                true,
-            )
-            .unwrap();
-            let portable = op.run(&x, (n, h, w), row_portable);
-            assert_eq!(
-                portable.len(),
-                n * h.div_ceil(stride) * w.div_ceil(stride) * c
-            );
-            let mut variants: Vec<(&str, RowFn)> = vec![("detected", row_fn())];
-            #[cfg(target_arch = "x86_64")]
-            {
-                use std::arch::is_x86_feature_detected as has;
-                if has!("avx2") && has!("fma") {
-                    variants.push(("avx2", row_avx2_fma));
-                }
-                if has!("avx512f") && has!("fma") {
-                    variants.push(("avx512", row_avx512));
-                }
-            }
-            for (name, variant) in variants {
-                let simd = op.run(&x, (n, h, w), variant);
-                let diff = portable
-                    .iter()
-                    .zip(&simd)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
-                assert!(
-                    diff <= 1e-5,
-                    "{name}, {kernel}x{kernel}/{stride}: max abs diff {diff}"
+        // Widths with interior runs of several blocks of four pixels and a remainder at both strides; channels
+        // that fill whole vectors and leave a masked remainder.
+        for (n, h, w, c) in [(2, 9, 8, 45), (1, 6, 23, 32)] {
+            let x: Vec<f32> = (0..n * h * w * c).map(|_| next()).collect();
+            // The network's kernels and strides (which AVX-512 specialises) and one it does not have.
+            for (kernel, stride) in [(3, 1), (3, 2), (5, 1), (5, 2), (7, 3)] {
+                let weight: Vec<f32> = (0..c * kernel * kernel).map(|_| next()).collect();
+                let bias: Vec<f32> = (0..c).map(|_| next()).collect();
+                let op = Depthwise::new(
+                    &Tensor::from_vec(weight, (c, 1, kernel, kernel), &candle_core::Device::Cpu)
+                        .unwrap(),
+                    &Tensor::from_vec(bias, c, &candle_core::Device::Cpu).unwrap(),
+                    stride,
+                    true,
+                )
+                .unwrap();
+                let portable = op.run(&x, (n, h, w), row_portable);
+                assert_eq!(
+                    portable.len(),
+                    n * h.div_ceil(stride) * w.div_ceil(stride) * c
                 );
+                let mut variants: Vec<(&str, RowFn)> = vec![("detected", row_fn())];
+                #[cfg(target_arch = "x86_64")]
+                {
+                    use std::arch::is_x86_feature_detected as has;
+                    if has!("avx2") && has!("fma") {
+                        variants.push(("avx2", row_avx2_fma));
+                    }
+                    if has!("avx512f") && has!("fma") {
+                        variants.push(("avx512", row_avx512));
+                    }
+                }
+                for (name, variant) in variants {
+                    let simd = op.run(&x, (n, h, w), variant);
+                    let diff = portable
+                        .iter()
+                        .zip(&simd)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        diff <= 1e-5,
+                        "{name}, {w}x{h}x{c} {kernel}x{kernel}/{stride}: max abs diff {diff}"
+                    );
+                }
             }
         }
     }
