@@ -15,7 +15,23 @@ const TITLES = {
   overloaded: "The service is busy. Please try again in a moment.",
   model_unavailable: "The model is not ready yet. Please try again shortly.",
   model_timeout: "The model took too long to answer.",
+  unauthorized: "This gateway needs an API key: enter yours under “API key” above.",
+  rate_limited: "Too many requests with this API key. Please wait a moment.",
 };
+
+// The key lives in sessionStorage: it survives reloads of this tab and goes when the tab closes.
+const KEY_STORE = "api-key";
+const storedKey = () => sessionStorage.getItem(KEY_STORE) || "";
+
+function showKeyState() {
+  $("key-state").textContent = storedKey() ? "(in use)" : "";
+}
+
+function withKey(init) {
+  const key = storedKey();
+  if (!key) return init;
+  return { ...init, headers: { ...(init.headers || {}), authorization: `Bearer ${key}` } };
+}
 
 const $ = (id) => document.getElementById(id);
 let previewUrl = null;
@@ -128,7 +144,7 @@ async function send(init) {
   $("status").textContent = MODES[asked].waiting;
   let response;
   try {
-    response = await fetch(MODES[asked].route, { method: "POST", ...init });
+    response = await fetch(MODES[asked].route, { method: "POST", ...withKey(init) });
   } catch (e) {
     showError("Could not reach the server. Check your connection and try again.");
     return;
@@ -142,6 +158,10 @@ async function send(init) {
   if (response.ok && body && MODES[asked].ok(body)) {
     render(body, asked);
   } else if (body && body.error) {
+    if (response.status === 401) {
+      $("key-panel").open = true;
+      $("api-key").focus();
+    }
     const title = TITLES[body.error.code] || "Something went wrong.";
     showError(`${title} ${body.error.message}`);
   } else {
@@ -156,6 +176,19 @@ function sendFile(file) {
   form.append("image", file);
   send({ body: form });
 }
+
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const key = $("api-key").value.trim();
+  if (key) sessionStorage.setItem(KEY_STORE, key);
+  else sessionStorage.removeItem(KEY_STORE);
+  $("error").hidden = true;
+  $("status").textContent = key ? "The API key will be sent with every request." : "No API key is sent.";
+  $("key-panel").open = false;
+  showKeyState();
+});
+$("api-key").value = storedKey();
+showKeyState();
 
 $("file").addEventListener("change", (e) => sendFile(e.target.files[0]));
 

@@ -159,6 +159,19 @@ pub struct Config {
     #[arg(long, env = "CORS_ALLOW_ORIGIN", value_delimiter = ',', value_parser = parse_origin)]
     pub cors_allow_origin: Vec<String>,
 
+    /// File of API keys, one `NAME KEY RATE BURST` per line; when set, every route but the page, the probes,
+    /// `/metrics` and `/openapi.json` needs `Authorization: Bearer KEY`.
+    #[arg(long, env = "API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Seconds between checks of the API key file for changes; 0 reads it again on SIGHUP only.
+    #[arg(long, env = "API_KEYS_CHECK_SECS", default_value_t = 2)]
+    pub api_keys_check_secs: u64,
+
+    /// Serve `/metrics` on this address instead of the main one, so it need not face the internet.
+    #[arg(long, env = "METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Write logs as JSON lines instead of human-readable text.
     #[arg(long, env = "JSON_LOGS")]
     pub json_logs: bool,

@@ -43,6 +43,21 @@ pub enum ApiError {
     /// The model tier failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// No valid API key, when the gateway requires one.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The API key is over its rate.
+    #[error("the API key `{name}` is over its rate of {rate} requests per second (burst {burst}); retry in {} s", .retry_after.as_secs_f64().ceil())]
+    RateLimited {
+        /// The key's name.
+        name: String,
+        /// Its rate in requests per second.
+        rate: f64,
+        /// Its burst.
+        burst: u32,
+        /// How long until the key may send again.
+        retry_after: std::time::Duration,
+    },
     /// Too many predictions in flight in this gateway.
     #[error("the gateway is busy with {0} predictions; retry shortly")]
     Overloaded(usize),
@@ -126,10 +141,17 @@ impl ApiError {
             ApiError::Model(ModelError::Other(_)) => {
                 (StatusCode::BAD_GATEWAY, "model_error", Server)
             }
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", Client),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", Client),
             ApiError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "overloaded", Capacity),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", Server),
         }
     }
+}
+
+/// `Retry-After` in whole seconds, rounded up so a client that waits that long is let in.
+fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
 
 /// The body of every error answer.
@@ -166,11 +188,25 @@ impl IntoResponse for ApiError {
         let message = self.to_string();
         let body = ErrorBody::new(code, message.clone());
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        let headers = response.headers_mut();
+        match self {
+            ApiError::RateLimited { retry_after, .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(retry_after)),
+                );
+            }
             // Shedding is meant to be brief: tell well-behaved clients when to come back.
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            _ if status == StatusCode::TOO_MANY_REQUESTS => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            }
+            ApiError::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"gateway\""),
+                );
+            }
+            _ => {}
         }
         response.extensions_mut().insert(LoggedError {
             code,

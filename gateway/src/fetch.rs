@@ -297,10 +297,18 @@ impl Fetcher {
 
     /// Fetches `url`, following at most the configured number of redirects.
     pub async fn fetch(&self, url: &str) -> Result<Bytes, FetchError> {
-        let url = Url::parse(url).map_err(|e| FetchError::InvalidUrl(format!("{e}: {url}")))?;
+        let url = self.admit(url)?;
         tokio::time::timeout(self.limits.total_timeout, self.fetch_following(url))
             .await
             .unwrap_or(Err(FetchError::Timeout))
+    }
+
+    /// Parses `url` and makes the checks that come before any connection: the scheme, and the address of an IP
+    /// literal. A host name's addresses are checked as they resolve.
+    pub fn admit(&self, url: &str) -> Result<Url, FetchError> {
+        let parsed = Url::parse(url).map_err(|e| FetchError::InvalidUrl(format!("{e}: {url}")))?;
+        self.check_url(&parsed)?;
+        Ok(parsed)
     }
 
     async fn fetch_following(&self, mut url: Url) -> Result<Bytes, FetchError> {

@@ -71,7 +71,16 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
 /// The gateway's metrics in the Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses((status = 200, description = "Prometheus text exposition format 0.0.4", content_type = "text/plain", body = String)))]
-pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+    if state.config.metrics_listen.is_some() {
+        let body = ErrorBody::new("not_found", "metrics are not served on this address");
+        return (StatusCode::NOT_FOUND, Json(body)).into_response();
+    }
+    metrics_text(State(state)).await
+}
+
+/// The Prometheus text, on `--metrics-listen` when that is set.
+pub(crate) async fn metrics_text(State(state): State<AppState>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -79,4 +88,5 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
         )],
         state.metrics.render(),
     )
+        .into_response()
 }

@@ -1,6 +1,7 @@
 //! The HTTP gateway: turns "here is an image" into a prediction from an Open Inference Protocol model
 //! server. [`app`] builds the router for tests; [`run`] serves it.
 
+pub mod access;
 pub mod batch;
 pub mod config;
 pub mod decode;
@@ -29,6 +30,7 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use access::ApiKeys;
 pub use config::Config;
 use fetch::{FetchLimits, Fetcher, Policy};
 use metrics::Metrics;
@@ -44,6 +46,7 @@ pub struct AppState {
     pub(crate) in_flight: Arc<Semaphore>,
     pub(crate) metrics: Metrics,
     pub(crate) draining: Arc<AtomicBool>,
+    pub(crate) keys: Option<Arc<ApiKeys>>,
 }
 
 impl AppState {
@@ -63,6 +66,17 @@ impl AppState {
         for collector in model_client.collectors()? {
             metrics.register(collector)?;
         }
+        let keys = match &config.api_keys_file {
+            Some(path) => {
+                let keys = ApiKeys::load(path)?;
+                metrics.api_keys_loaded(keys.len());
+                if keys.is_empty() {
+                    tracing::warn!(file = %path.display(), "the API key file holds no key: every request will be refused");
+                }
+                Some(Arc::new(keys))
+            }
+            None => None,
+        };
         Ok(AppState {
             catalog: Arc::new(ModelCatalog::new(
                 model_client,
@@ -73,6 +87,7 @@ impl AppState {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             metrics,
             draining: Arc::new(AtomicBool::new(false)),
+            keys,
             config: Arc::new(config),
         })
     }
@@ -81,7 +96,12 @@ impl AppState {
 /// The full router with its middleware.
 pub fn app(state: AppState) -> Router {
     let cors = cors(&state.config.cors_allow_origin);
+    // The key check runs inside `observe`, so refusals are logged and counted in the request's span.
     let router = routes::router(&state)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::require_key,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             telemetry::observe,
@@ -113,6 +133,7 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
             .allow_methods([Method::GET, Method::POST])
             .allow_headers([
                 header::CONTENT_TYPE,
+                header::AUTHORIZATION,
                 request_id.clone(),
                 HeaderName::from_static("traceparent"),
             ])
@@ -131,6 +152,27 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let grace = config.shutdown_grace();
     let state = AppState::new(config, model_client)?;
+    // Dropped when `run` returns, which stops the key watcher and the metrics listener with the gateway.
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(keys) = &state.keys {
+        tracing::info!(keys = keys.len(), names = ?keys.names(), "API keys required");
+        let check = Duration::from_secs(state.config.api_keys_check_secs);
+        tasks.spawn(access::watch(keys.clone(), state.metrics.clone(), check));
+    }
+    if let Some(address) = state.config.metrics_listen {
+        let metrics = TcpListener::bind(address)
+            .await
+            .map_err(|e| anyhow::anyhow!("--metrics-listen {address}: {e}"))?;
+        tracing::info!(address = %metrics.local_addr()?, "metrics listening");
+        let router = Router::new()
+            .route("/metrics", axum::routing::get(health::metrics_text))
+            .with_state(state.clone());
+        tasks.spawn(async move {
+            if let Err(e) = axum::serve(metrics, router).await {
+                tracing::error!(error = %e, "the metrics listener failed");
+            }
+        });
+    }
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
     let (began, draining) = tokio::sync::oneshot::channel::<()>();
     let flag = state.draining.clone();

@@ -19,6 +19,9 @@ pub struct Metrics {
     requests_in_flight: IntGauge,
     shed: IntCounter,
     fetch_bytes: IntCounter,
+    key_requests: IntCounterVec,
+    api_keys: IntGauge,
+    api_key_reload_failures: IntCounter,
 }
 
 /// Buckets from 1 ms to 30 s: fetches and cold model calls are slow, preprocessing is fast.
@@ -65,6 +68,18 @@ impl Metrics {
         )?;
         let fetch_bytes =
             IntCounter::new("gateway_fetch_bytes_total", "Image bytes fetched from URLs")?;
+        let key_requests = IntCounterVec::new(
+            Opts::new(
+                "gateway_api_key_requests_total",
+                "Requests let in or rate-limited, by API key name and status code",
+            ),
+            &["key", "status"],
+        )?;
+        let api_keys = IntGauge::new("gateway_api_keys", "API keys in use from --api-keys-file")?;
+        let api_key_reload_failures = IntCounter::new(
+            "gateway_api_key_reload_failures_total",
+            "Reads of a changed --api-keys-file that failed, leaving the keys in use as they were",
+        )?;
         let metrics = Metrics {
             registry,
             requests,
@@ -74,6 +89,9 @@ impl Metrics {
             requests_in_flight,
             shed,
             fetch_bytes,
+            key_requests,
+            api_keys,
+            api_key_reload_failures,
         };
         metrics.register(Box::new(metrics.requests.clone()))?;
         metrics.register(Box::new(metrics.request_duration.clone()))?;
@@ -82,6 +100,9 @@ impl Metrics {
         metrics.register(Box::new(metrics.requests_in_flight.clone()))?;
         metrics.register(Box::new(metrics.shed.clone()))?;
         metrics.register(Box::new(metrics.fetch_bytes.clone()))?;
+        metrics.register(Box::new(metrics.key_requests.clone()))?;
+        metrics.register(Box::new(metrics.api_keys.clone()))?;
+        metrics.register(Box::new(metrics.api_key_reload_failures.clone()))?;
         Ok(metrics)
     }
 
@@ -98,6 +119,23 @@ impl Metrics {
         self.request_duration
             .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a finished request made with the API key named `key`.
+    pub fn key_request(&self, key: &str, status: u16) {
+        self.key_requests
+            .with_label_values(&[key, &status.to_string()])
+            .inc();
+    }
+
+    /// Records how many API keys are in use.
+    pub fn api_keys_loaded(&self, keys: usize) {
+        self.api_keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a changed API key file that could not be used.
+    pub fn api_keys_reload_failed(&self) {
+        self.api_key_reload_failures.inc();
     }
 
     /// Records the time of one phase.

@@ -24,7 +24,37 @@ use crate::error::ErrorBody;
 pub(crate) struct ApiDoc;
 
 static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> =
-    LazyLock::new(|| crate::routes::api(0).into_openapi());
+    LazyLock::new(|| with_api_keys(crate::routes::api(0).into_openapi()));
+
+/// Describes the bearer key `--api-keys-file` asks for on every route but the open ones. Either requirement
+/// satisfies the document: without the file, no key is needed.
+fn with_api_keys(mut document: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::security::{
+        HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
+    let scheme = HttpBuilder::new()
+        .scheme(HttpAuthScheme::Bearer)
+        .description(Some(
+            "An API key from the gateway's --api-keys-file, when it has one: `Authorization: Bearer KEY`",
+        ))
+        .build();
+    document
+        .components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme("api_key", SecurityScheme::Http(scheme));
+    for (path, item) in document.paths.paths.iter_mut() {
+        if crate::access::is_open(path) {
+            continue;
+        }
+        for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
+            operation.security = Some(vec![
+                SecurityRequirement::default(),
+                SecurityRequirement::new("api_key", Vec::<String>::new()),
+            ]);
+        }
+    }
+    document
+}
 
 /// The OpenAPI document of every route the gateway serves.
 pub fn document() -> &'static utoipa::openapi::OpenApi {

@@ -9,6 +9,7 @@ use axum::response::Response;
 use tracing::Instrument;
 
 use crate::AppState;
+use crate::access::KeyName;
 use crate::error::{LoggedError, Severity};
 
 /// Header carrying the request id, accepted from the client or generated.
@@ -27,7 +28,7 @@ fn client_request_id(request: &Request) -> Option<String> {
 }
 
 /// Middleware: gives each request an id and a span, counts it, logs it once at a level set by who is
-/// at fault, and echoes the id in the response.
+/// at fault, and echoes the id in the response. The span names the request's API key, never the key itself.
 pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = client_request_id(&request).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -42,6 +43,7 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         trace_id = tracing::field::Empty,
         method = %request.method(),
         route = %route,
+        api_key = tracing::field::Empty,
     );
     // A client's W3C `traceparent` makes this request part of its trace; otherwise a new trace starts here.
     observability::set_parent_from_http(&span, request.headers());
@@ -67,6 +69,9 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         None => tracing::info!(status, elapsed_ms, "request finished"),
     });
     state.metrics.request(&route, status, elapsed);
+    if let Some(KeyName(key)) = response.extensions().get::<KeyName>() {
+        state.metrics.key_request(key, status);
+    }
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(X_REQUEST_ID.clone(), value);
     }

@@ -243,3 +243,94 @@ async fn page_detect_mode_draws_the_boxes_over_the_photo() {
     browser.close().await.unwrap();
     model_server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_asks_for_an_api_key_once_and_keeps_it_for_the_session() {
+    const KEY: &str = "page-key-4f1e8a2c9d7b3605";
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser-api-keys");
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys");
+    std::fs::write(&keys, format!("page {KEY} 100 20\n")).unwrap();
+    let model_server = ModelServer::start("127.0.0.1:0".parse().unwrap()).await;
+    let gateway = Gateway::start_with(
+        model_server.addr,
+        &["--api-keys-file", keys.to_str().unwrap()],
+    )
+    .await;
+    wait_for_readyz(&http_client(), &gateway.url, 200, Duration::from_secs(300)).await;
+    let (_driver, browser) = open_browser().await;
+    browser.goto(&format!("{}/", gateway.url)).await.unwrap();
+
+    // Without a key the gateway answers 401 and the page asks for one.
+    let coffee = golden_path("coffee.png").canonicalize().unwrap();
+    choose_file(&browser, &coffee).await;
+    let error = browser
+        .wait()
+        .at_most(Duration::from_secs(60))
+        .for_element(Locator::Css("#error:not([hidden])"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(error.contains("needs an API key"), "{error}");
+    let panel_open = browser
+        .find(Locator::Id("key-panel"))
+        .await
+        .unwrap()
+        .attr("open")
+        .await
+        .unwrap();
+    assert!(
+        panel_open.is_some(),
+        "the key field is not shown after a 401"
+    );
+
+    browser
+        .find(Locator::Id("api-key"))
+        .await
+        .unwrap()
+        .send_keys(KEY)
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Id("api-key-save"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let chelsea = golden_path("chelsea.png").canonicalize().unwrap();
+    choose_file(&browser, &chelsea).await;
+    let label = first_label(&browser).await;
+    assert_eq!(label, "tiger cat");
+
+    // Reloaded, the tab still has the key: no second prompt.
+    browser.goto(&format!("{}/", gateway.url)).await.unwrap();
+    let state = browser
+        .find(Locator::Id("key-state"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(state, "(in use)");
+    choose_file(&browser, &coffee).await;
+    assert_eq!(first_label(&browser).await, "espresso");
+    save_screenshot(&browser, "gateway-browser-api-key.png").await;
+    browser.close().await.unwrap();
+    model_server.stop().await;
+}
+
+/// Waits for the page's first predicted label and returns it.
+async fn first_label(browser: &fantoccini::Client) -> String {
+    browser
+        .wait()
+        .at_most(Duration::from_secs(120))
+        .for_element(Locator::Css("#predictions li:first-child .label"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
