@@ -53,6 +53,10 @@ cargo test --workspace --locked "$@"
 say "running scripts/bench.sh --smoke"
 scripts/bench.sh --smoke
 
+# The soak script likewise, in seconds: mixed traffic with the refusals it expects, and no other error.
+say "running scripts/soak.sh --smoke"
+scripts/soak.sh --smoke
+
 say "checking that both images run as non-root users with read-only root filesystems"
 .venv/bin/python scripts/check-containers.py
 

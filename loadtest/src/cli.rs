@@ -76,6 +76,22 @@ pub enum Command {
         #[command(flatten)]
         load: LoadArgs,
     },
+    /// The soak mix on a gateway, one of each in turn: GET /test; uploads to /predict and /detect; predict by URL
+    /// from images served by loadtest; and requests to be refused without harm, counted under their own names:
+    /// bytes that are no image (`bad_image`, 422), a URL that answers 404 (`url_missing`, 502) and one that never
+    /// answers (`url_stall`, 504 after the gateway's fetch timeout).
+    Mixed {
+        #[command(flatten)]
+        gateway: Gateway,
+        /// A folder of images, uploaded and served for the URLs.
+        #[arg(long)]
+        images: PathBuf,
+        /// Where to serve them (a free loopback port by default).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        serve_addr: SocketAddr,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
     /// Only serve a folder of images over HTTP until interrupted, for other load tools.
     Serve {
         /// The folder.

@@ -35,6 +35,7 @@ pub async fn execute(command: Command) -> Result<(Report, bool), LoadError> {
                 url: url.clone(),
                 content_type: None,
                 body: Bytes::new(),
+                name: None,
             }];
             http(requests, &load, format!("GET {url}")).await
         }
@@ -66,6 +67,7 @@ pub async fn execute(command: Command) -> Result<(Report, bool), LoadError> {
                     url: url.clone(),
                     content_type: Some(HeaderValue::from_static("application/json")),
                     body: Bytes::from(serde_json::json!({ "url": image }).to_string()),
+                    name: None,
                 })
                 .collect();
             let label = format!("POST {url} by URL, {} image(s)", image_urls.len());
@@ -116,8 +118,78 @@ pub async fn execute(command: Command) -> Result<(Report, bool), LoadError> {
             let label = format!("gRPC ModelInfer {server} {model}, batch {batch}");
             Ok((run::run(target, load.plan(), label).await, load.json))
         }
+        Command::Mixed {
+            gateway,
+            images,
+            serve_addr,
+            load,
+        } => {
+            let folder = Folder::load(&images)?;
+            let names = folder.names();
+            let (addr, task) = folder.serve(serve_addr).await?;
+            let _server = AbortOnDrop(task);
+            let requests = mix(&gateway.gateway, &images, &names, addr)?;
+            let label = format!(
+                "mixed traffic on {}, {} kinds of request in turn",
+                gateway.gateway,
+                requests.len()
+            );
+            http(requests, &load, label).await
+        }
         Command::Serve { .. } => Err(LoadError::Input("serve runs no load".into())),
     }
+}
+
+/// The soak mix, one request of each kind in turn: what a service sees all day, with the requests it must refuse
+/// without harm. Named, so the report counts `bad_image:http_422` apart from a real failure.
+fn mix(
+    gateway: &str,
+    images: &Path,
+    names: &[String],
+    served: std::net::SocketAddr,
+) -> Result<Vec<HttpRequest>, LoadError> {
+    let (predict, detect) = (join(gateway, "predict")?, join(gateway, "detect")?);
+    let by_url = |name: &'static str, url: String| HttpRequest {
+        method: Method::POST,
+        url: predict.clone(),
+        content_type: Some(HeaderValue::from_static("application/json")),
+        body: Bytes::from(serde_json::json!({ "url": url }).to_string()),
+        name: Some(name),
+    };
+    let named = |name: &'static str, request: HttpRequest| HttpRequest {
+        name: Some(name),
+        ..request
+    };
+    let files = serve::image_files(images)?;
+    let (first, last) = (&files[0], &files[files.len() - 1]);
+    let (not_an_image_type, not_an_image) =
+        target::multipart_body("image", "broken.jpg", b"these bytes are not an image");
+    Ok(vec![
+        HttpRequest {
+            method: Method::GET,
+            url: join(gateway, "test")?,
+            content_type: None,
+            body: Bytes::new(),
+            name: Some("test"),
+        },
+        named("upload", upload(predict.clone(), first)?),
+        by_url("url", format!("http://{served}/{}", names[0])),
+        named("detect", upload(detect, last)?),
+        named("upload", upload(predict.clone(), last)?),
+        by_url("url", format!("http://{served}/{}", names[names.len() - 1])),
+        named(
+            "bad_image",
+            HttpRequest {
+                method: Method::POST,
+                url: predict.clone(),
+                content_type: Some(not_an_image_type),
+                body: not_an_image,
+                name: None,
+            },
+        ),
+        by_url("url_missing", format!("http://{served}/no-such-image.jpg")),
+        by_url("url_stall", format!("http://{served}/{}", serve::STALL)),
+    ])
 }
 
 /// Aborts a background task when the run that needed it ends.
@@ -150,6 +222,7 @@ fn upload(url: reqwest::Url, path: &Path) -> Result<HttpRequest, LoadError> {
         url,
         content_type: Some(content_type),
         body,
+        name: None,
     })
 }
 

@@ -94,12 +94,24 @@ impl Folder {
         let bound = listener
             .local_addr()
             .map_err(|e| LoadError::Input(format!("cannot read the bound address: {e}")))?;
-        let app = Router::new().route("/{name}", get(file)).with_state(self);
+        let app = Router::new()
+            .route(&format!("/{STALL}"), get(stall))
+            .route("/{name}", get(file))
+            .with_state(self);
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
         Ok((bound, task))
     }
+}
+
+/// The path of a URL that is accepted and never answered: the fetcher's timeout must end it.
+pub const STALL: &str = "stall";
+
+/// Holds the request far beyond any sane fetch timeout; the client giving up drops it.
+async fn stall() -> Response {
+    tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+    (StatusCode::SERVICE_UNAVAILABLE, "stalled\n").into_response()
 }
 
 async fn file(State(folder): State<Folder>, UrlPath(name): UrlPath<String>) -> Response {

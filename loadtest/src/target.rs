@@ -19,6 +19,9 @@ pub struct HttpRequest {
     pub url: reqwest::Url,
     pub content_type: Option<HeaderValue>,
     pub body: Bytes,
+    /// In a mix, the request's kind: its failures are counted as `name:kind` (`bad_image:http_422`), so an
+    /// expected refusal is told from a real error.
+    pub name: Option<&'static str>,
 }
 
 /// A load target: requests are taken from its list in turn.
@@ -83,6 +86,10 @@ async fn send_http(client: &reqwest::Client, request: &HttpRequest) -> Outcome {
     if !request.body.is_empty() {
         builder = builder.body(request.body.clone());
     }
+    let failure = |kind: &str, bytes| match request.name {
+        Some(name) => failure(&format!("{name}:{kind}"), bytes),
+        None => failure(kind, bytes),
+    };
     let response = match builder.send().await {
         Ok(r) => r,
         Err(e) if e.is_timeout() => return failure("timeout", 0),
