@@ -79,7 +79,14 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     metrics_text(State(state)).await
 }
 
-/// The Prometheus text, on `--metrics-listen` when that is set.
+/// `/metrics` alone, for the `--metrics-listen` listener.
+pub(crate) fn metrics_router() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    utoipa_axum::router::OpenApiRouter::new().routes(utoipa_axum::routes!(metrics_text))
+}
+
+/// The gateway's metrics in the Prometheus text format, on `--metrics-listen` when that is set.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4", content_type = "text/plain", body = String)))]
 pub(crate) async fn metrics_text(State(state): State<AppState>) -> Response {
     (
         [(

@@ -164,9 +164,8 @@ pub async fn run(
             .await
             .map_err(|e| anyhow::anyhow!("--metrics-listen {address}: {e}"))?;
         tracing::info!(address = %metrics.local_addr()?, "metrics listening");
-        let router = Router::new()
-            .route("/metrics", axum::routing::get(health::metrics_text))
-            .with_state(state.clone());
+        let (router, _) = health::metrics_router().split_for_parts();
+        let router = router.with_state(state.clone());
         tasks.spawn(async move {
             if let Err(e) = axum::serve(metrics, router).await {
                 tracing::error!(error = %e, "the metrics listener failed");
