@@ -70,6 +70,32 @@ async fn eight_images_give_eight_results_in_order_from_one_model_call() {
     assert_eq!(seen[0].top_k, 2);
 }
 
+/// Found by the predict-body fuzz target: the parser takes any `top_k`, so the range check once the model is known
+/// must hold for the list form as for a single image, before any model call.
+#[tokio::test]
+async fn a_batch_with_top_k_out_of_range_is_400_without_a_model_call() {
+    for k in [0, 1001] {
+        let fake = coloring();
+        let images: Vec<Value> = (0..3)
+            .map(|i| json!({ "image": b64(&solid_png(red(i))) }))
+            .collect();
+        let body = json!({ "images": images, "top_k": k }).to_string();
+        let (status, body) = send(app_with(fake.clone(), &[]), post_json(body)).await;
+        assert_eq!(status, 400, "top_k {k}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("top_k must be between 1 and"),
+            "{body}"
+        );
+        assert!(
+            fake.seen.lock().unwrap().is_empty(),
+            "top_k {k}: the model was called"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_broken_image_gets_its_own_422_and_the_others_succeed() {
     let fake = coloring();
