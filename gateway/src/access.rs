@@ -88,24 +88,6 @@ pub struct ApiKeys {
     clock: DefaultClock,
 }
 
-/// Why a request is refused.
-#[derive(Debug, PartialEq)]
-pub enum Denied {
-    /// No `Authorization: Bearer` header, or a key that is not in the file.
-    Unauthorized(&'static str),
-    /// The key is over its rate; it may try again after the duration.
-    RateLimited {
-        /// The key's name.
-        name: Arc<str>,
-        /// Its rate, requests per second.
-        rate: f64,
-        /// Its burst.
-        burst: u32,
-        /// How long until one more request would be allowed.
-        retry_after: Duration,
-    },
-}
-
 impl ApiKeys {
     /// Reads `path`; refuses a file that does not parse, so a gateway never starts open by mistake.
     pub fn load(path: &Path) -> Result<ApiKeys, KeyFileError> {
@@ -156,18 +138,19 @@ impl ApiKeys {
         self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Checks an `Authorization` header value: the key's name if it is a known key within its rate.
-    pub fn check(&self, authorization: Option<&[u8]>) -> Result<Arc<str>, Denied> {
+    /// Checks an `Authorization` header value: the key's name if it is a known key within its rate, else
+    /// [`ApiError::Unauthorized`] or [`ApiError::RateLimited`].
+    pub fn check(&self, authorization: Option<&[u8]>) -> Result<Arc<str>, ApiError> {
         let Some(value) = authorization else {
-            return Err(Denied::Unauthorized(
-                "this gateway needs an API key: send `Authorization: Bearer KEY`",
+            return Err(ApiError::Unauthorized(
+                "this gateway needs an API key: send `Authorization: Bearer KEY`".into(),
             ));
         };
         let token = match value.split_at_checked(7) {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case(b"bearer ") => token.trim_ascii(),
             _ => {
-                return Err(Denied::Unauthorized(
-                    "the Authorization header must be `Bearer KEY`",
+                return Err(ApiError::Unauthorized(
+                    "the Authorization header must be `Bearer KEY`".into(),
                 ));
             }
         };
@@ -182,12 +165,12 @@ impl ApiKeys {
             .checked_sub(1)
             .and_then(|i| table.keys.get(i))
         else {
-            return Err(Denied::Unauthorized("the API key is not valid"));
+            return Err(ApiError::Unauthorized("the API key is not valid".into()));
         };
         match key.limiter.check() {
             Ok(()) => Ok(key.name.clone()),
-            Err(not_until) => Err(Denied::RateLimited {
-                name: key.name.clone(),
+            Err(not_until) => Err(ApiError::RateLimited {
+                name: key.name.to_string(),
                 rate: key.rate,
                 burst: key.burst,
                 retry_after: not_until.wait_time_from(self.clock.now()),
@@ -322,22 +305,17 @@ pub async fn require_key(State(state): State<AppState>, request: Request, next: 
             response.extensions_mut().insert(KeyName(name));
             response
         }
-        Err(Denied::Unauthorized(why)) => ApiError::Unauthorized(why.into()).into_response(),
-        Err(Denied::RateLimited {
-            name,
-            rate,
-            burst,
-            retry_after,
-        }) => {
-            tracing::Span::current().record("api_key", &*name);
-            let mut response = ApiError::RateLimited {
-                name: name.to_string(),
-                rate,
-                burst,
-                retry_after,
+        Err(error) => {
+            // A rate-limited key is known: its refusal is logged and counted under its name too.
+            let name = match &error {
+                ApiError::RateLimited { name, .. } => Some(Arc::<str>::from(name.as_str())),
+                _ => None,
+            };
+            let mut response = error.into_response();
+            if let Some(name) = name {
+                tracing::Span::current().record("api_key", &*name);
+                response.extensions_mut().insert(KeyName(name));
             }
-            .into_response();
-            response.extensions_mut().insert(KeyName(name));
             response
         }
     }
@@ -436,7 +414,7 @@ mod tests {
             Some(bearer("")),
         ] {
             assert!(
-                matches!(keys.check(bad.as_deref()), Err(Denied::Unauthorized(_))),
+                matches!(keys.check(bad.as_deref()), Err(ApiError::Unauthorized(_))),
                 "{bad:?}"
             );
         }
@@ -449,10 +427,10 @@ mod tests {
         assert!(keys.check(Some(&header)).is_ok());
         assert!(keys.check(Some(&header)).is_ok());
         match keys.check(Some(&header)) {
-            Err(Denied::RateLimited {
+            Err(ApiError::RateLimited {
                 name, retry_after, ..
             }) => {
-                assert_eq!(&*name, "slow");
+                assert_eq!(name, "slow");
                 // One request every two seconds.
                 assert!(
                     retry_after > Duration::from_millis(1500)
@@ -511,7 +489,7 @@ mod tests {
         // alice spent her one request before the reload.
         assert!(matches!(
             keys.check(Some(&alice)),
-            Err(Denied::RateLimited { .. })
+            Err(ApiError::RateLimited { .. })
         ));
 
         std::fs::write(&keys.path, format!("bob {BOB} 1\n")).unwrap();
@@ -526,7 +504,7 @@ mod tests {
         assert!(keys.reload().unwrap());
         assert!(matches!(
             keys.check(Some(&alice)),
-            Err(Denied::Unauthorized(_))
+            Err(ApiError::Unauthorized(_))
         ));
     }
 }

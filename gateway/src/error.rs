@@ -47,7 +47,7 @@ pub enum ApiError {
     #[error("{0}")]
     Unauthorized(String),
     /// The API key is over its rate.
-    #[error("the API key `{name}` is over its rate of {rate} requests per second (burst {burst}); retry in {} s", .retry_after.as_secs_f64().ceil())]
+    #[error("the API key `{name}` is over its rate of {rate} requests per second (burst {burst}); retry in {} s", retry_after_secs(*.retry_after))]
     RateLimited {
         /// The key's name.
         name: String,
