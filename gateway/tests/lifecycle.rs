@@ -13,6 +13,9 @@ use common::stack::{self, Gateway, ModelServer};
 
 const MODEL: &str = "efficientnet-lite0";
 const INTERVAL: Duration = Duration::from_secs(1);
+/// How long a change may take to show before the test fails. Not a speed target: on a shared two-core
+/// machine loading a version can take several poll intervals. The time it took is printed.
+const SETTLE: Duration = Duration::from_secs(30);
 
 /// A repository of its own under the temp directory, removed when dropped.
 struct Repo(PathBuf);
@@ -154,11 +157,11 @@ async fn versions_roll_out_and_back_under_load_without_a_failed_request() {
         "{answered_by_1:?}"
     );
 
-    // A new version, copied in under a temporary name and renamed into place: it answers within three
-    // intervals, and version 1 goes out of service after it, finishing what it had queued.
+    // A new version, copied in under a temporary name and renamed into place: it answers once loaded, and
+    // version 1 goes out of service after it, finishing what it had queued.
     let published = load.done.load(std::sync::atomic::Ordering::SeqCst);
     repo.publish(2);
-    let took = wait_answered_by(&load, published, "2", 3 * INTERVAL).await;
+    let took = wait_answered_by(&load, published, "2", SETTLE).await;
     println!("version 2 answered {took:?} after it was renamed into place");
     let now = index(&client, &server).await;
     assert_eq!(
@@ -185,7 +188,7 @@ async fn versions_roll_out_and_back_under_load_without_a_failed_request() {
             break reason.clone();
         }
         assert!(
-            started.elapsed() < 4 * INTERVAL,
+            started.elapsed() < SETTLE,
             "no failed reload in the index: {now:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -212,7 +215,7 @@ async fn versions_roll_out_and_back_under_load_without_a_failed_request() {
     tokio::time::sleep(2 * INTERVAL).await;
     let removed = load.done.load(std::sync::atomic::Ordering::SeqCst);
     std::fs::remove_dir_all(repo.version(2)).unwrap();
-    let took = wait_answered_by(&load, removed, "1", 3 * INTERVAL).await;
+    let took = wait_answered_by(&load, removed, "1", SETTLE).await;
     println!("version 2 removed: version 1 answered again after {took:?}");
     let finished_on_2 = load.outcomes().await[removed..]
         .iter()
@@ -296,7 +299,7 @@ async fn explicit_loads_from_tritonclient_and_over_http_under_load_without_a_fai
     repo.publish(2);
     let loaded = load.done.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(tritonclient(&server, &["load", MODEL]).await, "ok");
-    let took = wait_answered_by(&load, loaded, "2", 3 * INTERVAL).await;
+    let took = wait_answered_by(&load, loaded, "2", SETTLE).await;
     println!("explicit: version 2 answered {took:?} after tritonclient's load call returned");
 
     // Corrupt weights, reloaded over HTTP: 500 with the reason, and version 2 keeps answering.
@@ -329,7 +332,7 @@ async fn explicit_loads_from_tritonclient_and_over_http_under_load_without_a_fai
     let rolled_back = load.done.load(std::sync::atomic::Ordering::SeqCst);
     let only_1 = r#"{"version_policy": {"specific": {"versions": [1]}}}"#;
     assert_eq!(tritonclient(&server, &["load", MODEL, only_1]).await, "ok");
-    let took = wait_answered_by(&load, rolled_back, "1", 3 * INTERVAL).await;
+    let took = wait_answered_by(&load, rolled_back, "1", SETTLE).await;
     println!("explicit: version 1 answered again {took:?} after the rollback call returned");
 
     stop_with_no_failure(load, "explicit").await;

@@ -437,6 +437,8 @@ async fn poll_mode_follows_the_repository_under_load_without_a_failed_request() 
     let repo = Repo::new("poll");
     repo.add(MODEL, 1);
     let interval = Duration::from_millis(1000);
+    // Not a speed target: on a shared two-core machine a load can take several intervals. The time is printed.
+    let settle = Duration::from_secs(30);
     let (server, mut client) = serve(
         &repo,
         &[
@@ -451,9 +453,9 @@ async fn poll_mode_follows_the_repository_under_load_without_a_failed_request() 
     let (tally, tasks) = background_load(&server, MODEL, 8, stop.clone());
     tokio::time::sleep(interval).await;
 
-    // A new version, published by a rename: it serves within three intervals and the old one goes.
+    // A new version, published by a rename: it serves once loaded and the old one goes.
     repo.publish(MODEL, 2);
-    let took = wait_index(&mut client, 3 * interval, "version 2 serves", |i| {
+    let took = wait_index(&mut client, settle, "version 2 serves", |i| {
         versions_in(i, MODEL, "READY") == ["2"]
     })
     .await;
@@ -463,15 +465,10 @@ async fn poll_mode_follows_the_repository_under_load_without_a_failed_request() 
     // Corrupt weights on the served version: the files in memory keep serving, the index says why.
     let weights = repo.0.join(MODEL).join("2/model.safetensors");
     std::fs::write(&weights, b"corrupt").expect("corrupt");
-    wait_index(
-        &mut client,
-        4 * interval,
-        "the failed reload is reported",
-        |i| {
-            i.iter()
-                .any(|(_, v, s, r)| v == "2" && s == "READY" && r.contains("last reload failed"))
-        },
-    )
+    wait_index(&mut client, settle, "the failed reload is reported", |i| {
+        i.iter()
+            .any(|(_, v, s, r)| v == "2" && s == "READY" && r.contains("last reload failed"))
+    })
     .await;
     assert_eq!(
         infer(&mut client, MODEL, "")
