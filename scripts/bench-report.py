@@ -287,17 +287,22 @@ def against_python(add, charts):
             f"{fmt(latency(theirs, 'p99'))} ms.")
         add("")
 
-    layouts = [(c, load(f"stack-test-c{c}.json"), load(f"one-instance-test-c{c}.json"), load(f"baseline-test-c{c}.json"))
-               for c in (1, 10)]
-    if any(alt for _, _, alt, _ in layouts):
+    layouts = [(c, load(f"stack-test-c{c}.json"), load(f"one-instance-test-c{c}.json"), load(f"bf16-test-c{c}.json"),
+                load(f"baseline-test-c{c}.json")) for c in (1, 10)]
+    if any(alt for _, _, alt, _, _ in layouts):
         add("`/test` again with the model server's other layout: one instance of every inference thread with batches "
             "of up to 8 (`--instances 1`), beside the default layout above (an instance per inference thread, a lone "
-            "request borrowing the idle instances' threads) and the Python app:")
+            "request borrowing the idle instances' threads) and the Python app"
+            + (", and the default layout with the opt-in `--dtype bf16`:" if any(b for _, _, _, b, _ in layouts)
+               else ":"))
         add("")
         add("| concurrency | layout | req/s | ÷ Python req/s | p50 ms | ÷ Python p50 | p99 ms | ÷ Python p99 | errors |")
         add("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for c, default, alt, theirs in layouts:
-            for label, run in (("an instance a thread (default)", default), ("one instance, batches of 8", alt)):
+        for c, default, alt, bf16, theirs in layouts:
+            rows = [("an instance a thread (default)", default), ("one instance, batches of 8", alt)]
+            if bf16:
+                rows.append(("an instance a thread, `--dtype bf16`", bf16))
+            for label, run in rows:
                 rps = run["throughput_rps"] if run else None
                 theirs_rps = theirs["throughput_rps"] if theirs else None
                 cells = [fmt(rps), times(rps, theirs_rps)]
@@ -427,6 +432,24 @@ def main():
     if o1 and r1 and o8 and r8:
         add(f"With 2 threads: batch-1 latency {o1['median_ms'] / r1['median_ms']:.2f}x onnxruntime's; "
             f"batch-8 throughput {o8['images_per_s'] / r8['images_per_s']:.2f}x onnxruntime's.")
+        add("")
+
+    bf16 = load("compute-ours-bf16-t2.json")
+    if bf16:
+        add("The opt-in `--dtype bf16` (bf16 weights and activations, f32 accumulation; on CPUs with AVX512-BF16), "
+            "2 threads, against f32 on both sides:")
+        add("")
+        add("| batch | ours bf16: median ms | ours bf16: img/s | ÷ ours f32 time | ÷ onnxruntime f32 time |")
+        add("| --- | --- | --- | --- | --- |")
+        for batch in (1, 8):
+            b = compute_row(bf16, batch)
+            o, r = compute_row(load("compute-ours-t2.json"), batch), compute_row(load("compute-ort-t2.json"), batch)
+            bm = b["median_ms"] if b else None
+            add(f"| {batch} | {fmt(bm)} | {fmt(b['images_per_s'] if b else None)} | "
+                f"{times(bm, o['median_ms'] if o else None)} | {times(bm, r['median_ms'] if r else None)} |")
+        add("")
+    else:
+        add("The opt-in `--dtype bf16` was not measured: this CPU has no AVX512-BF16.")
         add("")
 
     add("### The detector: ours against OpenCV dnn")

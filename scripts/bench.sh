@@ -9,6 +9,7 @@
 #      JPEG served from loopback), with the gateway's own share of the latency, and on /detect (the detector's
 #      golden photos uploaded);
 #      then /test again with the other layout: one instance of every thread, batches of up to 8 (--instances 1);
+#      on a CPU with AVX512-BF16, compute and /test once more with the opt-in --dtype bf16;
 #   4. peak RSS of each server, and the model server's cold start to ready;
 #   5. wrk against /test at concurrency 10, to check (3) with a load generator we did not write;
 #   6. the Python app of bench/baseline (Flask + gunicorn + onnxruntime on the ONNX export of the same weights), after
@@ -58,6 +59,9 @@ model=efficientnet-lite0
 ort_model="${ORT_MODEL:-$root/../shared/reference/efficientnet_lite0.onnx}"
 baseline=false
 [[ -f "$ort_model" ]] && baseline=true
+# The opt-in reduced precision runs where the model server accepts it: AVX512-BF16, detected as the server does.
+bf16=false
+grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null && bf16=true
 baseline_venv="$root/.cache/baseline-venv"
 
 # ---- tools ----------------------------------------------------------------------------------------------------
@@ -131,6 +135,11 @@ for t in 1 2; do
     cargo bench --locked "${cargo_profile[@]}" --workspace --bench inference -- \
         --threads "$t" --runs "$runs" --trials "$trials" --batches 1,8 --json "$work/results/compute-ours-t$t.json"
 done
+if $bf16; then
+    say "compute: ours, bf16, $threads threads"
+    cargo bench --locked "${cargo_profile[@]}" --workspace --bench inference -- --dtype bf16 \
+        --threads "$threads" --runs "$runs" --trials "$trials" --batches 1,8 --json "$work/results/compute-ours-bf16-t$threads.json"
+fi
 if $baseline; then
     say "compute: onnxruntime"
     $py scripts/bench-ort.py "$ort_model" --threads 1,2 --runs "$runs" --trials "$trials" --out-dir "$work/results"
@@ -291,6 +300,18 @@ for c in 1 10; do
 done
 stop "$gw_pid"
 stop "$ms_pid"
+
+# The default layout again with bf16 weights and activations (f32 accumulation), where the CPU has it.
+if $bf16; then
+    start_model_server --dtype bf16
+    start_gateway
+    for c in 1 10; do
+        say "stack, bf16: /test, concurrency $c"
+        loadtest test --gateway "$gateway" --concurrency "$c" >"$work/results/bf16-test-c$c.json"
+    done
+    stop "$gw_pid"
+    stop "$ms_pid"
+fi
 
 # ---- 6. the Python app ----------------------------------------------------------------------------------------
 # bench/baseline as its README runs it, on the ONNX export of the same weights, started only after our stack has
