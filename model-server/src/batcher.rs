@@ -552,19 +552,42 @@ impl Worker {
             channels,
         } = self.spec.input;
         match &r.images {
-            Images::Pixels(p) => {
-                let Normalisation { mean, std } = self.spec.normalisation;
-                let x = Tensor::from_slice(p, (r.batch, height, width, channels), &Device::Cpu)?;
-                let x = x.to_dtype(DType::F32)?;
-                ((x - f64::from(mean))? / f64::from(std))?
-                    .permute((0, 3, 1, 2))?
-                    .contiguous()
-            }
+            Images::Pixels(p) => Tensor::from_vec(
+                to_planes(p, self.spec.input, self.spec.normalisation),
+                (r.batch, channels, height, width),
+                &Device::Cpu,
+            ),
             Images::Normalised(v) => {
                 Tensor::from_slice(v, (r.batch, channels, height, width), &Device::Cpu)
             }
         }
     }
+}
+
+/// Interleaved `u8` pixels (`[N, H, W, C]`) as normalised f32 planes (`[N, C, H, W]`), in one pass where four
+/// candle ops (cast, subtract, divide, permute) took four buffers. `(p - mean) * (1 / std)` rounds as candle's
+/// scalar ops do, so the model sees the same bits. A length that is not whole pixels is left to the tensor's
+/// shape check.
+fn to_planes(
+    pixels: &[u8],
+    input: InputSize,
+    Normalisation { mean, std }: Normalisation,
+) -> Vec<f32> {
+    let scale = (1.0 / f64::from(std)) as f32;
+    let plane = input.height * input.width;
+    let image = plane * input.channels;
+    let mut out = vec![0f32; pixels.len()];
+    if image == 0 {
+        return out;
+    }
+    for (src, dst) in pixels.chunks_exact(image).zip(out.chunks_exact_mut(image)) {
+        for (i, pixel) in src.chunks_exact(input.channels).enumerate() {
+            for (c, &v) in pixel.iter().enumerate() {
+                dst[c * plane + i] = (f32::from(v) - mean) * scale;
+            }
+        }
+    }
+    out
 }
 
 /// How long the warm-up request may take before the model counts as broken.
@@ -592,6 +615,45 @@ mod tests {
     use super::*;
 
     type Reply = oneshot::Receiver<Result<Response, InferError>>;
+
+    #[test]
+    fn planes_are_the_bits_candles_ops_gave() {
+        let input = InputSize {
+            height: 5,
+            width: 7,
+            channels: 3,
+        };
+        // Every byte value, in two images, so each one lands in each channel somewhere.
+        let pixels: Vec<u8> = (0..2 * 5 * 7 * 3).map(|i| (i * 37 % 256) as u8).collect();
+        for norm in [
+            Normalisation {
+                mean: 127.5,
+                std: 127.5,
+            },
+            Normalisation {
+                mean: 0.0,
+                std: 255.0,
+            },
+            Normalisation {
+                mean: 123.675,
+                std: 58.395,
+            },
+        ] {
+            let x = Tensor::from_slice(&pixels, (2, 5, 7, 3), &Device::Cpu).unwrap();
+            let x = x.to_dtype(DType::F32).unwrap();
+            let want = ((x - f64::from(norm.mean)).unwrap() / f64::from(norm.std))
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let got = to_planes(&pixels, input, norm);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{norm:?}");
+        }
+    }
 
     fn job(batch: usize, enqueued: Instant) -> (Job, Reply) {
         let (reply, rx) = oneshot::channel();
