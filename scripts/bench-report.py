@@ -441,9 +441,9 @@ def main():
         add("")
         add("| batch | ours bf16: median ms | ours bf16: img/s | ÷ ours f32 time | ÷ onnxruntime f32 time |")
         add("| --- | --- | --- | --- | --- |")
+        ours, ort = load("compute-ours-t2.json"), load("compute-ort-t2.json")
         for batch in (1, 8):
-            b = compute_row(bf16, batch)
-            o, r = compute_row(load("compute-ours-t2.json"), batch), compute_row(load("compute-ort-t2.json"), batch)
+            b, o, r = compute_row(bf16, batch), compute_row(ours, batch), compute_row(ort, batch)
             bm = b["median_ms"] if b else None
             add(f"| {batch} | {fmt(bm)} | {fmt(b['images_per_s'] if b else None)} | "
                 f"{times(bm, o['median_ms'] if o else None)} | {times(bm, r['median_ms'] if r else None)} |")

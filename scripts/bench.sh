@@ -290,27 +290,24 @@ printf '{"peak_rss_kib": %s}\n' "$(peak_rss_kib "$ms_pid")" >"$work/results/rss-
 stop "$gw_pid"
 stop "$ms_pid"
 
-# The same stack with the other layout the README weighs: one instance of every thread, batches of up to 8.
-# /test only, at concurrency 1 and 10.
-start_model_server --instances 1 --max-batch-size 8 --max-queue-delay 0
-start_gateway
-for c in 1 10; do
-    say "stack, one instance of $threads threads: /test, concurrency $c"
-    loadtest test --gateway "$gateway" --concurrency "$c" >"$work/results/one-instance-test-c$c.json"
-done
-stop "$gw_pid"
-stop "$ms_pid"
-
-# The default layout again with bf16 weights and activations (f32 accumulation), where the CPU has it.
-if $bf16; then
-    start_model_server --dtype bf16
+# The stack again with the model server's FLAGS, on /test only at concurrency 1 and 10: results NAME-test-c*.json.
+test_variant() {
+    local name="$1" what="$2" c
+    shift 2
+    start_model_server "$@"
     start_gateway
     for c in 1 10; do
-        say "stack, bf16: /test, concurrency $c"
-        loadtest test --gateway "$gateway" --concurrency "$c" >"$work/results/bf16-test-c$c.json"
+        say "stack, $what: /test, concurrency $c"
+        loadtest test --gateway "$gateway" --concurrency "$c" >"$work/results/$name-test-c$c.json"
     done
     stop "$gw_pid"
     stop "$ms_pid"
+}
+# The other layout the README weighs: one instance of every thread, batches of up to 8.
+test_variant one-instance "one instance of $threads threads" --instances 1 --max-batch-size 8 --max-queue-delay 0
+# The default layout with bf16 weights and activations (f32 accumulation), where the CPU has it.
+if $bf16; then
+    test_variant bf16 bf16 --dtype bf16
 fi
 
 # ---- 6. the Python app ----------------------------------------------------------------------------------------
