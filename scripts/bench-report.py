@@ -261,8 +261,10 @@ def against_python(add, charts):
         f"{versions['gunicorn']} with onnxruntime {versions['onnxruntime']} (Python {baseline['python']}): "
         f"{baseline['workers']} sync workers with {baseline['ort_threads']} onnxruntime thread each, the model "
         f"(`{baseline['model']}`, the ONNX export of the same weights) loaded in every worker, and fetch, decode, "
-        "preprocessing and inference all done in the request. It ran after our stack had stopped, under the same "
-        "`loadtest` runs as (3). Ours ÷ Python: above 1 is better for throughput, below 1 for latency.")
+        "preprocessing and inference all done in the request. It ran beside our stack, under the same `loadtest` "
+        "runs as (3), each right after ours (each side idle while the other was measured), so that a drift in the "
+        "machine's speed reaches both sides of a ratio alike. Ours ÷ Python: above 1 is better for throughput, "
+        "below 1 for latency.")
     add("")
     add("| target | concurrency | ours req/s | Python req/s | ours ÷ Python req/s | ours p50 ms | Python p50 ms | "
         "ours ÷ Python p50 | ours p99 ms | Python p99 ms | ours ÷ Python p99 | errors ours / Python |")
@@ -399,7 +401,7 @@ def main():
         f"SIMD: {' '.join(machine.get('cpu_flags') or []) or 'n/a'}")
     add(f"- Date: {machine['date']}; commit `{machine['commit']}`; {machine['rustc']}")
     add(f"- Load runs: {machine['duration']} each after a warm-up; compute: median of {machine['trials']} trial "
-        f"medians of {machine['runs']} runs each")
+        f"medians of {machine['runs']} runs each, taken in turns with the baseline's (one trial of each per round)")
     add("- Every server runs with 2 inference threads; the load generator shares the same cores.")
     add("")
 

@@ -12,8 +12,9 @@
 #      on a CPU with AVX512-BF16, compute and /test once more with the opt-in --dtype bf16;
 #   4. peak RSS of each server, and the model server's cold start to ready;
 #   5. wrk against /test at concurrency 10, to check (3) with a load generator we did not write;
-#   6. the Python app of bench/baseline (Flask + gunicorn + onnxruntime on the ONNX export of the same weights), after
-#      our stack has stopped, under the same loadtest runs as (3) and the same wrk run as (5).
+#   6. the Python app of bench/baseline (Flask + gunicorn + onnxruntime on the ONNX export of the same weights), under
+#      the same loadtest runs as (3) and the same wrk run as (5), each right after ours.
+# Ours and its baseline are measured in turns, not one after the other: see compute_round and paired_runs.
 #
 #   scripts/bench.sh [--smoke] [--out FILE]
 #
@@ -130,31 +131,54 @@ json.dump(dict(cpu=lscpu_field("Model name") or platform.processor(), cpu_flags=
 EOF
 
 # ---- 1. model compute -----------------------------------------------------------------------------------------
-for t in 1 2; do
-    say "compute: ours, $t thread(s)"
-    cargo bench --locked "${cargo_profile[@]}" --workspace --bench inference -- \
-        --threads "$t" --runs "$runs" --trials "$trials" --batches 1,8 --json "$work/results/compute-ours-t$t.json"
-done
-if $bf16; then
-    say "compute: ours, bf16, $threads threads"
-    cargo bench --locked "${cargo_profile[@]}" --workspace --bench inference -- --dtype bf16 \
-        --threads "$threads" --runs "$runs" --trials "$trials" --batches 1,8 --json "$work/results/compute-ours-bf16-t$threads.json"
-fi
-if $baseline; then
-    say "compute: onnxruntime"
-    $py scripts/bench-ort.py "$ort_model" --threads 1,2 --runs "$runs" --trials "$trials" --out-dir "$work/results"
-    printf '%s\n' "$(basename "$ort_model")" >"$work/results/ort-model.txt"
-else
-    say "no ONNX model at $ort_model: onnxruntime not measured (set ORT_MODEL)"
-fi
+# In rounds, one trial of each side per round, ours and its baseline back to back: on a shared machine the speed of
+# the cores drifts over minutes, and a side measured all at once, minutes after the other, would carry that drift
+# into the ratio. Each round writes its own files; merge_rounds pools their trial medians.
+compute_round() {
+    local dir="$1" t
+    mkdir -p "$dir"
+    for t in 1 2; do
+        cargo bench --locked "${cargo_profile[@]}" --workspace --bench inference -- \
+            --threads "$t" --runs "$runs" --trials 1 --batches 1,8 --json "$dir/compute-ours-t$t.json"
+    done
+    if $bf16; then
+        cargo bench --locked "${cargo_profile[@]}" --workspace --bench inference -- --dtype bf16 \
+            --threads "$threads" --runs "$runs" --trials 1 --batches 1,8 --json "$dir/compute-ours-bf16-t$threads.json"
+    fi
+    if $baseline; then
+        $py scripts/bench-ort.py "$ort_model" --threads 1,2 --runs "$runs" --trials 1 --out-dir "$dir"
+    fi
+    # The detector with 2 threads: ours on the project's kernels, OpenCV's dnn module on the same darknet files.
+    cargo bench --locked "${cargo_profile[@]}" --workspace --bench inference -- --model yolov3-tiny \
+        --threads "$threads" --runs "$runs" --trials 1 --batches 1,8 --json "$dir/compute-yolo-ours-t$threads.json"
+    $py scripts/bench-opencv.py .cache/yolov3-tiny --threads "$threads" --runs "$runs" --trials 1 --out-dir "$dir"
+}
 
-# The detector with 2 threads: ours on the project's kernels, OpenCV's dnn module on the same darknet files.
-say "compute: YOLOv3-tiny, ours"
-cargo bench --locked "${cargo_profile[@]}" --workspace --bench inference -- --model yolov3-tiny \
-    --threads "$threads" --runs "$runs" --trials "$trials" --batches 1,8 --json "$work/results/compute-yolo-ours-t$threads.json"
-say "compute: YOLOv3-tiny, OpenCV dnn"
-$py scripts/bench-opencv.py .cache/yolov3-tiny --threads "$threads" --runs "$runs" --trials "$trials" \
-    --out-dir "$work/results"
+# Pools every round's file of each name in DIR/*/ into RESULTS/NAME: all trial medians, their median, and the
+# images per second at that median.
+merge_rounds() {
+    $py - "$1" "$2" <<'EOF'
+import json, pathlib, statistics, sys
+rounds, results = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+dirs = sorted(d for d in rounds.iterdir() if d.is_dir())
+for name in sorted({f.name for d in dirs for f in d.glob("*.json")}):
+    parts = [json.loads((d / name).read_text()) for d in dirs if (d / name).exists()]
+    merged = dict(parts[0], trials=sum(p["trials"] for p in parts))
+    for i, r in enumerate(merged["results"]):
+        medians = [m for p in parts for m in p["results"][i]["trial_medians_ms"]]
+        median = statistics.median(medians)
+        merged["results"][i] = dict(r, median_ms=median, trial_medians_ms=medians, images_per_s=r["batch"] * 1e3 / median)
+    (results / name).write_text(json.dumps(merged, indent=2))
+EOF
+}
+
+$baseline || say "no ONNX model at $ort_model: onnxruntime not measured (set ORT_MODEL)"
+for r in $(seq 1 "$trials"); do
+    say "compute: round $r of $trials (ours, then onnxruntime; the detector, then OpenCV)"
+    compute_round "$work/rounds/$r"
+done
+merge_rounds "$work/rounds" "$work/results"
+$baseline && printf '%s\n' "$(basename "$ort_model")" >"$work/results/ort-model.txt"
 
 # ---- servers --------------------------------------------------------------------------------------------------
 free_port() { $py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -234,19 +258,38 @@ start_gateway() {
     wait_http "$gateway/readyz" "$gw_pid" "the gateway" "$work/gateway.log" 30
 }
 
-# The HTTP runs of (3) and (5) against the server at URL (ours, then the Python app's, the same for both): loadtest
-# on /test and predict-by-URL at concurrency 1 and 10, then wrk on /test at concurrency 10; results named NAME-*.
-http_runs() {
-    local url="$1" name="$2" what="$3" c
+# One loadtest run of KIND (test or url) at concurrency C against the server at URL, into results/NAME-KIND-cC.json.
+http_run() {
+    local url="$1" name="$2" kind="$3" c="$4"
+    case "$kind" in
+        test) loadtest test --gateway "$url" --concurrency "$c" ;;
+        url) loadtest predict-url --gateway "$url" --serve-dir "$work/images" --concurrency "$c" ;;
+    esac >"$work/results/$name-$kind-c$c.json"
+}
+
+# The HTTP runs of (3), (5) and (6): loadtest on /test and predict-by-URL at concurrency 1 and 10, then wrk on /test
+# at concurrency 10, each on our stack (results stack-*) and then at once the same on the Python app (baseline-*)
+# when it runs, so that both sides of every ratio are measured within a minute of each other.
+paired_runs() {
+    local c kind label
     for c in 1 10; do
-        say "$what: /test, concurrency $c"
-        loadtest test --gateway "$url" --concurrency "$c" >"$work/results/$name-test-c$c.json"
-        say "$what: predict by URL, concurrency $c"
-        loadtest predict-url --gateway "$url" --serve-dir "$work/images" --concurrency "$c" \
-            >"$work/results/$name-url-c$c.json"
+        for kind in test url; do
+            label=/test
+            [[ "$kind" == url ]] && label="predict by URL"
+            say "stack: $label, concurrency $c"
+            http_run "$gateway" stack "$kind" "$c"
+            if $baseline; then
+                say "Python app: $label, concurrency $c"
+                http_run "$bl" baseline "$kind" "$c"
+            fi
+        done
     done
-    say "$what: wrk on /test, concurrency 10"
-    wrk -t 2 -c 10 -d "$wrk_duration" --latency "$url/test" >"$work/results/wrk-$name-test-c10.txt"
+    say "stack: wrk on /test, concurrency 10"
+    wrk -t 2 -c 10 -d "$wrk_duration" --latency "$gateway/test" >"$work/results/wrk-stack-test-c10.txt"
+    if $baseline; then
+        say "Python app: wrk on /test, concurrency 10"
+        wrk -t 2 -c 10 -d "$wrk_duration" --latency "$bl/test" >"$work/results/wrk-baseline-test-c10.txt"
+    fi
 }
 
 # ---- 2. the model server alone --------------------------------------------------------------------------------
@@ -276,10 +319,61 @@ import sys
 from PIL import Image
 Image.open(sys.argv[1]).convert("RGB").resize((500, 375), Image.LANCZOS).save(sys.argv[2], quality=90)
 EOF
+# The Python app: bench/baseline as its README runs it, on the ONNX export of the same weights. One gunicorn worker
+# per inference thread of ours, each with one onnxruntime thread (on 2 cores: one worker per core, its README's
+# default), so both sides compute on the same number of threads. setsid makes gunicorn the leader of its own process
+# group (a background job of this non-interactive script is never a group leader, so setsid does not fork and $! is
+# gunicorn itself), so stopping the group stops every worker. It idles while ours is measured, as ours idles while
+# it is: a sync worker waiting on its socket and our servers waiting on theirs take no CPU.
+start_baseline() {
+    bl_port="$(free_port)"
+    say "Python app: starting bench/baseline on port $bl_port"
+    started="$(date +%s%N)"
+    env -u ORT_INTRA_OP_THREADS -u LABELS_PATH -u TEST_IMAGE -u TOP_K WORKERS="$threads" \
+        VENV="$baseline_venv" MODEL_PATH="$ort_model" setsid bench/baseline/run.sh "$bl_port" \
+        >>"$work/baseline.log" 2>&1 &
+    bl_pid=$!
+    pgroups+=("$bl_pid")
+    bl="http://127.0.0.1:$bl_port"
+    wait_http "$bl/health" "$bl_pid" "the Python app" "$work/baseline.log" 60
+    bl_ready_ms=$((($(date +%s%N) - started) / 1000000))
+    [[ "$(ps -o pgid= -p "$bl_pid" | tr -d ' ')" == "$bl_pid" ]] \
+        || die "the Python app does not lead its own process group"
+}
+
+# Records the Python app's start-up time, versions and peak RSS (gunicorn and its workers summed: each worker holds
+# its own copy of the model), then stops it.
+stop_baseline() {
+    local bl_rss=0 bl_procs=0 p rss
+    for p in $(pgrep -g "$bl_pid"); do
+        rss="$(peak_rss_kib "$p" 2>/dev/null || true)"
+        [[ -n "$rss" ]] || continue
+        bl_rss=$((bl_rss + rss)) bl_procs=$((bl_procs + 1))
+    done
+    "$baseline_venv/bin/python" - "$work/results/baseline.json" "$bl_ready_ms" "$bl_rss" "$((bl_procs - 1))" \
+        "$(basename "$ort_model")" <<'EOF'
+import json, platform, sys
+from importlib.metadata import version
+path, ready_ms, rss_kib, workers, model = sys.argv[1:]
+json.dump(dict(ready_ms=int(ready_ms), peak_rss_kib=int(rss_kib), workers=int(workers), ort_threads=1, model=model,
+               python=platform.python_version(),
+               versions={p: version(p) for p in ("flask", "gunicorn", "onnxruntime", "numpy", "pillow", "requests")}),
+          open(path, "w"), indent=2)
+EOF
+    stop_group "$bl_pid"
+    pgroups=()
+}
+
 # The default layout: an instance per inference thread, a lone request borrowing the idle instances' threads.
 start_model_server
 start_gateway
-http_runs "$gateway" stack stack
+if $baseline; then
+    start_baseline
+else
+    say "no ONNX model at $ort_model: skipping the Python app (bench/baseline; set ORT_MODEL)"
+fi
+paired_runs
+$baseline && stop_baseline
 for c in 1 10; do
     say "stack: detect by upload, concurrency $c"
     loadtest predict-upload --route detect --gateway "$gateway" --images testdata/yolo/images --concurrency "$c" \
@@ -308,51 +402,6 @@ test_variant one-instance "one instance of $threads threads" --instances 1 --max
 # The default layout with bf16 weights and activations (f32 accumulation), where the CPU has it.
 if $bf16; then
     test_variant bf16 bf16 --dtype bf16
-fi
-
-# ---- 6. the Python app ----------------------------------------------------------------------------------------
-# bench/baseline as its README runs it, on the ONNX export of the same weights, started only after our stack has
-# stopped: the same loadtest runs as (3) in the same order, and the same wrk run as (5). One gunicorn worker per
-# inference thread of ours, each with one onnxruntime thread (on 2 cores: one worker per core, its README's
-# default), so both sides compute on the same number of threads. setsid makes gunicorn the leader of its own process
-# group (a background job of this non-interactive script is never a group leader, so setsid does not fork and $! is
-# gunicorn itself), so stopping the group stops every worker.
-if $baseline; then
-    bl_port="$(free_port)"
-    say "Python app: starting bench/baseline on port $bl_port"
-    started="$(date +%s%N)"
-    env -u ORT_INTRA_OP_THREADS -u LABELS_PATH -u TEST_IMAGE -u TOP_K WORKERS="$threads" \
-        VENV="$baseline_venv" MODEL_PATH="$ort_model" setsid bench/baseline/run.sh "$bl_port" \
-        >>"$work/baseline.log" 2>&1 &
-    bl_pid=$!
-    pgroups+=("$bl_pid")
-    bl="http://127.0.0.1:$bl_port"
-    wait_http "$bl/health" "$bl_pid" "the Python app" "$work/baseline.log" 60
-    bl_ready_ms=$((($(date +%s%N) - started) / 1000000))
-    [[ "$(ps -o pgid= -p "$bl_pid" | tr -d ' ')" == "$bl_pid" ]] \
-        || die "the Python app does not lead its own process group"
-    http_runs "$bl" baseline "Python app"
-    # Peak RSS of gunicorn and its workers, summed: each worker holds its own copy of the model.
-    bl_rss=0 bl_procs=0
-    for p in $(pgrep -g "$bl_pid"); do
-        rss="$(peak_rss_kib "$p" 2>/dev/null || true)"
-        [[ -n "$rss" ]] || continue
-        bl_rss=$((bl_rss + rss)) bl_procs=$((bl_procs + 1))
-    done
-    "$baseline_venv/bin/python" - "$work/results/baseline.json" "$bl_ready_ms" "$bl_rss" "$((bl_procs - 1))" \
-        "$(basename "$ort_model")" <<'EOF'
-import json, platform, sys
-from importlib.metadata import version
-path, ready_ms, rss_kib, workers, model = sys.argv[1:]
-json.dump(dict(ready_ms=int(ready_ms), peak_rss_kib=int(rss_kib), workers=int(workers), ort_threads=1, model=model,
-               python=platform.python_version(),
-               versions={p: version(p) for p in ("flask", "gunicorn", "onnxruntime", "numpy", "pillow", "requests")}),
-          open(path, "w"), indent=2)
-EOF
-    stop_group "$bl_pid"
-    pgroups=()
-else
-    say "no ONNX model at $ort_model: skipping the Python app (bench/baseline; set ORT_MODEL)"
 fi
 
 # ---- report ---------------------------------------------------------------------------------------------------
