@@ -310,6 +310,7 @@ mod simd {
         /// Every lane of `p` must be writable.
         unsafe fn store_all(self, p: *mut f32);
         fn fma(x: Self, w: Self, acc: Self) -> Self;
+        fn add(x: Self, y: Self) -> Self;
         fn relu6(self) -> Self;
     }
 
@@ -348,6 +349,10 @@ mod simd {
         #[inline(always)]
         fn fma(x: Self, w: Self, acc: Self) -> Self {
             Self(unsafe { _mm512_fmadd_ps(x.0, w.0, acc.0) })
+        }
+        #[inline(always)]
+        fn add(x: Self, y: Self) -> Self {
+            Self(unsafe { _mm512_add_ps(x.0, y.0) })
         }
         #[inline(always)]
         fn relu6(self) -> Self {
@@ -399,6 +404,10 @@ mod simd {
         #[inline(always)]
         fn fma(x: Self, w: Self, acc: Self) -> Self {
             Self(unsafe { _mm256_fmadd_ps(x.0, w.0, acc.0) })
+        }
+        #[inline(always)]
+        fn add(x: Self, y: Self) -> Self {
+            Self(unsafe { _mm256_add_ps(x.0, y.0) })
         }
         #[inline(always)]
         fn relu6(self) -> Self {
@@ -504,12 +513,16 @@ mod simd {
             }
         }
         let b = load!(bias.add(ch));
+        // Pixels one at a time (the edges, and rows too narrow for a block of four, as every row of the 7x7
+        // stages is at 5x5): a sum for each kernel row, so that the multiply-adds form K short chains instead
+        // of one long one whose latency, not the multipliers, would set the pace.
         macro_rules! pixels {
             ($range:expr, $checked:expr) => {
                 for ox in $range {
                     let start = ox * S;
-                    let mut acc = b;
-                    for ky in 0..K {
+                    let mut sums = [V::zero(); K];
+                    sums[0] = b;
+                    for (ky, sum) in sums.iter_mut().enumerate() {
                         if ky >= kernel_rows {
                             break;
                         }
@@ -521,8 +534,12 @@ mod simd {
                                 continue;
                             }
                             let at = (ky * args.width + ix - cols.pad_before) * c + ch;
-                            acc = V::fma(load!(image.add(at)), w[ky * K + kx], acc);
+                            *sum = V::fma(load!(image.add(at)), w[ky * K + kx], *sum);
                         }
+                    }
+                    let mut acc = sums[0];
+                    for &sum in &sums[1..] {
+                        acc = V::add(acc, sum);
                     }
                     if args.relu6 {
                         acc = acc.relu6();
@@ -700,9 +717,10 @@ mod tests {
             state ^= state << 5;
             state as f32 / u32::MAX as f32 * 4.0 - 2.0
         };
-        // Widths with interior runs of several blocks of four pixels and a remainder at both strides; channels
-        // that fill whole vectors and leave a masked remainder.
-        for (n, h, w, c) in [(2, 9, 8, 45), (1, 6, 23, 32)] {
+        // Widths with interior runs of several blocks of four pixels and a remainder at both strides, and the
+        // network's 7x7, too narrow for a block at 5x5; channels that fill whole vectors and leave a masked
+        // remainder.
+        for (n, h, w, c) in [(2, 9, 8, 45), (1, 6, 23, 32), (1, 7, 7, 48)] {
             let x: Vec<f32> = (0..n * h * w * c).map(|_| next()).collect();
             // The network's kernels and strides (which AVX-512 specialises) and one it does not have.
             for (kernel, stride) in [(3, 1), (3, 2), (5, 1), (5, 2), (7, 3)] {
