@@ -271,25 +271,25 @@ http_run() {
 # at concurrency 10, each on our stack (results stack-*) and then at once the same on the Python app (baseline-*)
 # when it runs, so that both sides of every ratio are measured within a minute of each other.
 paired_runs() {
-    local c kind label
+    local c kind label side
+    local -A url=([stack]="$gateway") who=([stack]=stack)
+    $baseline && url[baseline]="$bl" who[baseline]="Python app"
+    local sides=(stack)
+    $baseline && sides+=(baseline)
     for c in 1 10; do
         for kind in test url; do
             label=/test
             [[ "$kind" == url ]] && label="predict by URL"
-            say "stack: $label, concurrency $c"
-            http_run "$gateway" stack "$kind" "$c"
-            if $baseline; then
-                say "Python app: $label, concurrency $c"
-                http_run "$bl" baseline "$kind" "$c"
-            fi
+            for side in "${sides[@]}"; do
+                say "${who[$side]}: $label, concurrency $c"
+                http_run "${url[$side]}" "$side" "$kind" "$c"
+            done
         done
     done
-    say "stack: wrk on /test, concurrency 10"
-    wrk -t 2 -c 10 -d "$wrk_duration" --latency "$gateway/test" >"$work/results/wrk-stack-test-c10.txt"
-    if $baseline; then
-        say "Python app: wrk on /test, concurrency 10"
-        wrk -t 2 -c 10 -d "$wrk_duration" --latency "$bl/test" >"$work/results/wrk-baseline-test-c10.txt"
-    fi
+    for side in "${sides[@]}"; do
+        say "${who[$side]}: wrk on /test, concurrency 10"
+        wrk -t 2 -c 10 -d "$wrk_duration" --latency "${url[$side]}/test" >"$work/results/wrk-$side-test-c10.txt"
+    done
 }
 
 # ---- 2. the model server alone --------------------------------------------------------------------------------
@@ -392,7 +392,7 @@ test_variant() {
     start_gateway
     for c in 1 10; do
         say "stack, $what: /test, concurrency $c"
-        loadtest test --gateway "$gateway" --concurrency "$c" >"$work/results/$name-test-c$c.json"
+        http_run "$gateway" "$name" test "$c"
     done
     stop "$gw_pid"
     stop "$ms_pid"
