@@ -143,7 +143,10 @@ impl Yolo {
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let convs = match &self.ops {
             Ops::ChannelsLast(isa, convs) => {
-                return cpu::forward(*isa, &self.network, convs, &x.to_dtype(DType::F32)?);
+                let x = x.to_dtype(DType::F32)?;
+                return crate::pools::with_pool_awake(|| {
+                    cpu::forward(*isa, &self.network, convs, &x)
+                });
             }
             Ops::Candle(convs) => convs,
         };

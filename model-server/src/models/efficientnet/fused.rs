@@ -20,7 +20,6 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
@@ -30,6 +29,7 @@ use crate::kernels::depthwise::{Axis, RowArgs, RowFn, row_fn_for};
 use crate::kernels::isa::{Isa, l2_cache_bytes};
 use crate::kernels::packed_gemm::{Epilogue, NR, PackedB, gemm, gemm_bf16};
 use crate::kernels::same_padding;
+use crate::pools::with_pool_awake;
 
 const STEM_KERNEL: usize = 3;
 const STEM_STRIDE: usize = 2;
@@ -324,7 +324,7 @@ impl Fused {
     /// Logits of `n` images laid out `[n, 3, 224, 224]`, on the current rayon pool.
     pub(super) fn run(&self, x: &[f32], n: usize) -> Vec<f32> {
         let threads = rayon::current_num_threads();
-        with_pool_awake(threads, || self.run_on(x, n, threads))
+        with_pool_awake(|| self.run_on(x, n, threads))
     }
 
     fn run_on(&self, x: &[f32], n: usize, threads: usize) -> Vec<f32> {
@@ -682,40 +682,6 @@ impl Fused {
     }
 }
 
-/// Runs `f` on this rayon worker while the pool's other threads stay awake
-/// for it, spinning and taking its parallel steps as soon as they appear.
-///
-/// One image on several threads hands work over about twenty times (stem,
-/// each block, head, classifier), every step a fraction of a millisecond. A
-/// rayon worker with nothing to do sleeps after a few dozen idle rounds, and
-/// waking a sleeping thread costs tens of microseconds, more on a virtual CPU
-/// that the host has to reschedule: at batch 1 on 2 threads that was a
-/// tenth of the time. The spinning ends with `f`, and a spinner that no
-/// thread took in time is a no-op, so this never waits for a busy thread.
-fn with_pool_awake<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
-    if threads < 2 || rayon::current_thread_index().is_none() {
-        return f();
-    }
-    let done = AtomicBool::new(false);
-    rayon::scope(|s| {
-        // Pushed before any of `f`'s work: a thread stealing from this deque
-        // takes the oldest job first, so `f` never finds a spinner of its own
-        // under the work it waits for.
-        for _ in 1..threads {
-            s.spawn(|_| {
-                while !done.load(Ordering::Acquire) {
-                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                        std::hint::spin_loop();
-                    }
-                }
-            });
-        }
-        let result = f();
-        done.store(true, Ordering::Release);
-        result
-    })
-}
-
 /// `v` (one row of `len` columns) cut at the column boundaries of `parts`.
 fn split_columns<'a>(v: &'a mut [f32], parts: &[Range<usize>], len: usize) -> Vec<&'a mut [f32]> {
     let mut rest = v;
@@ -783,60 +749,5 @@ impl CustomOp1 for Fused {
         };
         let logits = self.run(&data[start..end], n);
         Ok((CpuStorage::F32(logits), Shape::from((n, NUM_CLASSES))))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::mpsc;
-    use std::time::Duration;
-
-    use rayon::prelude::*;
-
-    use super::with_pool_awake;
-
-    fn pool(threads: usize) -> rayon::ThreadPool {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .expect("pool")
-    }
-
-    fn sum_of_squares() -> u64 {
-        (0..100_000u64).into_par_iter().map(|i| i * i).sum()
-    }
-
-    #[test]
-    fn the_work_runs_with_the_other_threads_awake_and_outside_a_pool() {
-        let expected: u64 = (0..100_000u64).map(|i| i * i).sum();
-        for threads in [1, 2, 3] {
-            let got = pool(threads).install(|| with_pool_awake(threads, sum_of_squares));
-            assert_eq!(got, expected, "{threads} threads");
-        }
-        assert_eq!(with_pool_awake(2, sum_of_squares), expected, "no pool");
-    }
-
-    #[test]
-    fn a_busy_thread_is_not_waited_for() {
-        let pool = pool(2);
-        let (release, blocked) = mpsc::channel::<()>();
-        let (started, running) = mpsc::channel();
-        // One of the two threads is held until the work is done: the
-        // spinner meant for it is never taken by it.
-        pool.spawn(move || {
-            started.send(()).expect("test waits");
-            blocked.recv().ok();
-        });
-        running.recv().expect("the blocker runs");
-        let (tx, rx) = mpsc::channel();
-        pool.spawn(move || {
-            tx.send(with_pool_awake(2, sum_of_squares)).ok();
-        });
-        let got = rx.recv_timeout(Duration::from_secs(30));
-        release.send(()).ok();
-        assert_eq!(
-            got.expect("finished without the busy thread"),
-            (0..100_000u64).map(|i| i * i).sum::<u64>()
-        );
     }
 }
