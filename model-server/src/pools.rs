@@ -88,10 +88,20 @@ pub fn with_pool_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
                 }
             });
         }
-        let result = f();
-        done.store(true, Ordering::Release);
-        result
+        // Set however `f` ends: a panic must end the spinning too, or the
+        // scope would wait for the spinners forever instead of passing it on.
+        let _done = Done(&done);
+        f()
     })
+}
+
+/// Sets its flag when dropped.
+struct Done<'a>(&'a AtomicBool);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 fn thread_name(instances: usize, instance: usize, thread: usize) -> String {
@@ -150,6 +160,32 @@ mod tests {
             assert_eq!(got, expected_sum(), "{threads} threads");
         }
         assert_eq!(with_pool_awake(sum_of_squares), expected_sum(), "no pool");
+    }
+
+    #[test]
+    fn a_panic_in_the_work_reaches_the_caller_and_ends_the_spinning() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = pool(2);
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.install(|| {
+                    with_pool_awake(|| {
+                        sum_of_squares();
+                        panic!("a model bug")
+                    })
+                })
+            }));
+            // The pool is still usable afterwards.
+            let after = pool.install(|| with_pool_awake(sum_of_squares));
+            tx.send((caught.is_err(), after)).ok();
+        });
+        let (panicked, after) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the panic ended the run instead of hanging it");
+        assert!(panicked);
+        assert_eq!(after, expected_sum());
     }
 
     #[test]
