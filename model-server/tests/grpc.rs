@@ -625,9 +625,8 @@ async fn reflection_lists_the_inference_and_health_services() {
 async fn a_queued_call_whose_deadline_passes_is_dropped_without_running() {
     let server = TestServer::start(&["--max-batch-size", "8"]).await;
     let client = server.client().await;
-    // Four full batches keep the model busy for several times the late call's deadline, on any machine
-    // that takes more than 15 ms per batch of eight.
-    let busy: Vec<_> = (0..4)
+    const BUSY: usize = 5;
+    let busy: Vec<_> = (0..BUSY)
         .map(|_| {
             let mut c = client.clone();
             tokio::spawn(async move {
@@ -636,9 +635,25 @@ async fn a_queued_call_whose_deadline_passes_is_dropped_without_running() {
             })
         })
         .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // The late call must queue behind full batches, not slip in ahead of eight-image
+    // requests still on the wire: wait until two of them are queued behind the running one.
+    // Two batches of eight take longer than the late call's deadline on any machine
+    // that takes more than 15 ms per batch.
+    let pending = format!("nv_inference_pending_request_count{{model=\"{MODEL}\"");
+    let waited = std::time::Instant::now();
+    while common::lifecycle::metric(server.http_addr, &pending)
+        .await
+        .unwrap_or(0.0)
+        < 2.0
+    {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(30),
+            "two of the busy calls never queued at once"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
     let mut late = tonic::Request::new(pixels_request(vec![0; 224 * 224 * 3], 1, vec![]));
-    late.set_timeout(std::time::Duration::from_millis(50));
+    late.set_timeout(std::time::Duration::from_millis(30));
     let status = client
         .clone()
         .model_infer(late)
@@ -663,8 +678,15 @@ async fn a_queued_call_whose_deadline_passes_is_dropped_without_running() {
         .expect("statistics")
         .into_inner();
     // Only the busy images ran: the late call was dropped when the batcher reached it.
-    assert_eq!(stats.model_stats[0].inference_count, 32, "{stats:?}");
-    assert_eq!(stats.model_stats[0].execution_count, 4, "{stats:?}");
+    assert_eq!(
+        stats.model_stats[0].inference_count,
+        8 * BUSY as u64,
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.model_stats[0].execution_count, BUSY as u64,
+        "{stats:?}"
+    );
     server.stop().await;
 }
 
