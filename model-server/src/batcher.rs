@@ -566,7 +566,7 @@ impl Worker {
 
 /// Interleaved `u8` pixels (`[N, H, W, C]`) as normalised f32 planes (`[N, C, H, W]`), in one pass where four
 /// candle ops (cast, subtract, divide, permute) took four buffers. `(p - mean) * (1 / std)` rounds as candle's
-/// scalar ops do, so the model sees the same bits. A length that is not whole pixels is left to the tensor's
+/// scalar ops do, so the model sees the same bits. A length that is not whole images is left to the tensor's
 /// shape check.
 fn to_planes(
     pixels: &[u8],
@@ -574,17 +574,22 @@ fn to_planes(
     Normalisation { mean, std }: Normalisation,
 ) -> Vec<f32> {
     let scale = (1.0 / f64::from(std)) as f32;
-    let plane = input.height * input.width;
-    let image = plane * input.channels;
-    let mut out = vec![0f32; pixels.len()];
-    if image == 0 {
-        return out;
+    let image = input.height * input.width * input.channels;
+    if image == 0 || !pixels.len().is_multiple_of(image) {
+        // The shape check refuses it; only the length matters here.
+        return vec![0.0; pixels.len()];
     }
-    for (src, dst) in pixels.chunks_exact(image).zip(out.chunks_exact_mut(image)) {
-        for (i, pixel) in src.chunks_exact(input.channels).enumerate() {
-            for (c, &v) in pixel.iter().enumerate() {
-                dst[c * plane + i] = (f32::from(v) - mean) * scale;
-            }
+    // Plane by plane: each output plane is written in order into a buffer that is never zeroed first,
+    // where a scatter by pixel wrote three planes at once, 600 KB apart, after a memset of all of them.
+    let mut out = Vec::with_capacity(pixels.len());
+    for src in pixels.chunks_exact(image) {
+        for c in 0..input.channels {
+            out.extend(
+                src[c..]
+                    .iter()
+                    .step_by(input.channels)
+                    .map(|&v| (f32::from(v) - mean) * scale),
+            );
         }
     }
     out
