@@ -51,6 +51,44 @@ fn body_limit(config: &Config) -> usize {
     per_image.saturating_mul(config.max_images_per_request)
 }
 
+/// The failures `POST /predict` and `POST /detect` share beyond their own 400. Never built: it only describes
+/// those responses in the OpenAPI document.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum ImageErrors {
+    #[response(
+        status = 403,
+        description = "The image URL points somewhere the gateway may not fetch"
+    )]
+    Forbidden(ErrorBody),
+    #[response(status = 404, description = "No such model or version")]
+    NotFound(ErrorBody),
+    #[response(
+        status = 413,
+        description = "An image, its pixels or the number of images over the limit"
+    )]
+    TooLarge(ErrorBody),
+    #[response(
+        status = 422,
+        description = "The image does not decode, or the model refused the input"
+    )]
+    Unprocessable(ErrorBody),
+    #[response(
+        status = 429,
+        description = "The gateway or the model tier is full; retry after Retry-After"
+    )]
+    Full(ErrorBody),
+    #[response(status = 502, description = "The image URL or the model tier failed")]
+    BadGateway(ErrorBody),
+    #[response(status = 503, description = "The model tier is not available")]
+    Unavailable(ErrorBody),
+    #[response(
+        status = 504,
+        description = "Fetching the image or the model call timed out"
+    )]
+    Timeout(ErrorBody),
+}
+
 /// Classifies one image, or several in one batch: JSON `url`, `image` (base64) or an `images` list, or a multipart
 /// form with one or more `image` files or a `url`.
 #[utoipa::path(post, path = "/predict", operation_id = "predict", tag = "predict",
@@ -61,14 +99,7 @@ fn body_limit(config: &Config) -> usize {
     responses(
         (status = 200, description = "One answer for the single-image forms; `results`, one per image in order, for a list", body = Answer<PredictResponse>),
         (status = 400, description = "A malformed request, bad base64, bad top_k or version, or a detector's name", body = ErrorBody),
-        (status = 403, description = "The image URL points somewhere the gateway may not fetch", body = ErrorBody),
-        (status = 404, description = "No such model or version", body = ErrorBody),
-        (status = 413, description = "An image, its pixels or the number of images over the limit", body = ErrorBody),
-        (status = 422, description = "The image does not decode, or the model refused the input", body = ErrorBody),
-        (status = 429, description = "The gateway or the model tier is full; retry after Retry-After", body = ErrorBody),
-        (status = 502, description = "The image URL or the model tier failed", body = ErrorBody),
-        (status = 503, description = "The model tier is not available", body = ErrorBody),
-        (status = 504, description = "Fetching the image or the model call timed out", body = ErrorBody),
+        ImageErrors,
     ))]
 async fn predict_route(
     State(state): State<AppState>,
@@ -96,14 +127,7 @@ async fn predict_route(
     responses(
         (status = 200, description = "One answer for the single-image forms; `results`, one per image in order, for a list", body = Answer<DetectResponse>),
         (status = 400, description = "A malformed request, bad base64, bad min_score or version, or a classifier's name", body = ErrorBody),
-        (status = 403, description = "The image URL points somewhere the gateway may not fetch", body = ErrorBody),
-        (status = 404, description = "No such model or version", body = ErrorBody),
-        (status = 413, description = "An image, its pixels or the number of images over the limit", body = ErrorBody),
-        (status = 422, description = "The image does not decode, or the model refused the input", body = ErrorBody),
-        (status = 429, description = "The gateway or the model tier is full; retry after Retry-After", body = ErrorBody),
-        (status = 502, description = "The image URL or the model tier failed", body = ErrorBody),
-        (status = 503, description = "The model tier is not available", body = ErrorBody),
-        (status = 504, description = "Fetching the image or the model call timed out", body = ErrorBody),
+        ImageErrors,
     ))]
 async fn detect_route(
     State(state): State<AppState>,
