@@ -580,7 +580,7 @@ fn to_planes(
         return vec![0.0; pixels.len()];
     }
     // Plane by plane: each output plane is written in order into a buffer that is never zeroed first,
-    // where a scatter by pixel wrote three planes at once, 600 KB apart, after a memset of all of them.
+    // where a scatter by pixel wrote three planes at once, 200 KB apart, after a memset of all of them.
     let mut out = Vec::with_capacity(pixels.len());
     for src in pixels.chunks_exact(image) {
         for c in 0..input.channels {
